@@ -1,0 +1,272 @@
+"""Stage 1, load: an ONNX file -> the model and the concrete shapes it runs at."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import shape_inference
+
+from .errors import UserError
+
+log = logging.getLogger("denseflex_onnx")
+
+# Protobuf cannot serialize a message over 2 GiB: bigger models are handed to
+# checkers and onnxruntime by path.
+PROTOBUF_LIMIT = 2**31 - 1
+
+_SHAPE_RE = re.compile(r"^\s*\[?\s*(\d+(?:\s*[x,]\s*\d+)*)\s*\]?\s*$")
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    proto: onnx.ModelProto          # weights loaded, shapes inferred
+    sha256: str
+    input_shapes: dict[str, tuple[int, ...]]   # the concrete shapes it is profiled at
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor shape known
+    external_data: bool = False     # weights stored beside the file: outputs keep them so
+
+    @property
+    def opset(self) -> int:
+        for imp in self.proto.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return imp.version
+        return 0
+
+    @property
+    def ir_version(self) -> int:
+        return self.proto.ir_version
+
+    @property
+    def byte_size(self) -> int:
+        return weight_bytes(self.proto)
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """`NAME:1x128` or `NAME:[1,128]`, repeatable (CLI.md, Shapes)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or []:
+        name, sep, dims = spec.rpartition(":")
+        match = _SHAPE_RE.match(dims)
+        if not sep or not name or not match:
+            raise UserError(f"--input-shape {spec!r}: expected NAME:1x128 or NAME:[1,128]")
+        shapes[name] = tuple(int(d) for d in re.split(r"\s*[x,]\s*", match.group(1)))
+        if any(d <= 0 for d in shapes[name]):
+            raise UserError(f"--input-shape {spec!r}: every dim must be a positive integer")
+    return shapes
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """Read and check an ONNX file with its external data; UserError if it is not one.
+
+    Returns the model and whether its weights were stored externally.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty, expected an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and others
+        raise UserError(f"{path}: not an ONNX model or a truncated one ({_first_line(exc)})") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
+        raise UserError(f"{path}: not an ONNX model (no graph or no IR version)")
+    external = uses_external_data(model)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise UserError(f"{path}: its external weight data cannot be read ({_first_line(exc)})") from None
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise UserError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
+    return model, external
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs (old IR versions also list initializers as inputs)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def resolve_input_shapes(model: onnx.ModelProto,
+                         given: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Concrete input shapes: the model's own dims, `--input-shape` for the rest.
+
+    A symbolic leading dim defaults to 1 with a warning; any other unresolved dim
+    is an error naming the input, the dim and the flag.
+    """
+    inputs = {i.name: i for i in graph_inputs(model)}
+    unknown = sorted(set(given) - set(inputs))
+    if unknown:
+        raise UserError(f"--input-shape names {', '.join(unknown)}, which the model has no input of; "
+                        f"its inputs are {', '.join(inputs) or 'none'}")
+    shapes = {}
+    for name, info in inputs.items():
+        dims = info.type.tensor_type.shape.dim
+        if name in given:
+            shape = given[name]
+            if len(shape) != len(dims):
+                raise UserError(f"--input-shape {name}: {len(shape)} dims given, the model's input "
+                                f"has {len(dims)}")
+            for i, d in enumerate(dims):
+                if d.HasField("dim_value") and d.dim_value != shape[i]:
+                    raise UserError(f"--input-shape {name}: dim {i} is fixed at {d.dim_value} in the "
+                                    f"model, {shape[i]} given")
+            shapes[name] = tuple(shape)
+            continue
+        shape = []
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                shape.append(d.dim_value)
+            elif i == 0:
+                log.warning("input %s: dim 0 (%s) is symbolic; using 1 (set it with "
+                            "--input-shape %s:...)", name, d.dim_param or "?", name)
+                shape.append(1)
+            else:
+                raise UserError(f"input {name}: dim {i} ({d.dim_param or 'unknown'}) is not fixed; "
+                                f"give it with --input-shape {name}:1x...")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of the model whose inputs have these concrete dims (for inference and profiling)."""
+    fixed = copy.deepcopy(model)
+    for info in fixed.graph.input:
+        if info.name in shapes:
+            dims = info.type.tensor_type.shape.dim
+            for d, v in zip(dims, shapes[info.name]):
+                d.Clear()
+                d.dim_value = v
+    return fixed
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of every tensor onnx's shape inference can resolve at these input shapes."""
+    fixed = with_input_shapes(model, input_shapes)
+    try:
+        if fixed.ByteSize() < PROTOBUF_LIMIT:
+            fixed = shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception as exc:
+        log.warning("shape inference failed (%s); shapes will be measured", _first_line(exc))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for info in [*fixed.graph.input, *fixed.graph.value_info, *fixed.graph.output]:
+        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+            continue
+        dims = info.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[info.name] = tuple(d.dim_value for d in dims)
+    for init in fixed.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def load(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None) -> LoadedModel:
+    """Read, check and resolve shapes: everything later stages need from the file."""
+    path = Path(path)
+    proto, external = read_model(path)
+    concrete = resolve_input_shapes(proto, input_shapes or {})
+    return LoadedModel(path=path, proto=proto, sha256=sha256_file(path), input_shapes=concrete,
+                       shapes=infer_shapes(proto, concrete), external_data=external)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of constant tensors in the main graph: what `--memory` counts."""
+    total = 0
+    for init in model.graph.initializer:
+        total += _tensor_bytes(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    total += _tensor_bytes(attr.t)
+    return total
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def check_output_path(out: Path, inputs: list[Path], force: bool, *related: Path) -> None:
+    """Refuse before any work: the input as output, an existing file without --force, a bad folder."""
+    out = Path(out)
+    for path in inputs:
+        if path.exists() and out.resolve() == Path(path).resolve():
+            raise UserError(f"-o {out} is the input model; choose another output path")
+    if out.is_dir():
+        raise UserError(f"-o {out} is a folder; give a file path such as {out / 'model.onnx'}")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"-o {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"-o {out}: folder {folder} is not writable")
+    if not force:
+        existing = [p for p in (out, *related) if p.exists()]
+        if existing:
+            raise UserError(f"{existing[0]} exists; pass --force to overwrite it")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_model(model: onnx.ModelProto, path: Path, external: bool = False) -> list[Path]:
+    """Save atomically; weights go to `<name>.data` beside it when asked or when over 2 GB.
+
+    Returns the files written.
+    """
+    path = Path(path)
+    external = external or model.ByteSize() >= PROTOBUF_LIMIT
+    if not external:
+        atomic_write_bytes(path, model.SerializeToString())
+        return [path]
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent or ".") as tmp:
+        onnx.save_model(model, os.path.join(tmp, path.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        os.replace(os.path.join(tmp, data_name), path.parent / data_name)
+        os.replace(os.path.join(tmp, path.name), path)
+    return [path, path.parent / data_name]
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)

@@ -1,0 +1,121 @@
+"""Plans: which method and config each layer gets; specs and plan.json (CLI.md)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .passes import PASSES
+
+from .errors import UserError
+
+PLAN_FORMAT = "denseflex-plan/1"
+FACTORIZATIONS = ("plain", "scaled", "whitened")
+
+
+@dataclass(frozen=True)
+class Choice:
+    method: str          # a key of passes.PASSES, or "dense"
+    config: dict
+
+    @property
+    def spec(self) -> str:
+        return "dense" if self.method == "dense" else PASSES[self.method].spec(self.config)
+
+
+DENSE = Choice("dense", {})
+
+
+@dataclass
+class Plan:
+    layers: dict[str, Choice]                 # layers not listed stay dense
+    factorization: str = "plain"
+    model_sha256: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"format": PLAN_FORMAT, "model_sha256": self.model_sha256,
+                "factorization": self.factorization,
+                "layers": {name: {"method": c.method, "config": c.config}
+                           for name, c in sorted(self.layers.items()) if c.method != "dense"}}
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json()["layers"], sort_keys=True).encode()).hexdigest()
+
+    def rewritten(self) -> dict[str, Choice]:
+        return {n: c for n, c in self.layers.items() if c.method != "dense"}
+
+
+def parse_spec(layer, text: str) -> Choice:
+    """`svd:64`, `tt:0.25`, `conv_tt:16x32`, `dense`... for this layer; UserError if it cannot take it."""
+    text = text.strip()
+    if text == "dense":
+        return DENSE
+    method, _, body = text.partition(":")
+    if method not in PASSES:
+        raise UserError(f"{text!r}: unknown method {method!r}; use one of {', '.join(PASSES)} or dense")
+    if not body:
+        raise UserError(f"{text!r}: give a rank or fraction after the colon, e.g. {method}:0.25")
+    module = PASSES[method]
+    reason = module.applies(layer)
+    if reason:
+        raise UserError(f"{method} cannot take layer {layer.name}: {reason}")
+    return Choice(method, module.parse_spec(layer, body))
+
+
+def parse_layer_option(text: str) -> tuple[str, str]:
+    """`NAME=SPEC`, split on the last `=` (layer names may hold one)."""
+    name, sep, spec = text.rpartition("=")
+    if not sep or not name or not spec:
+        raise UserError(f"--layer {text!r}: expected NAME=SPEC, e.g. --layer fc1=svd:64")
+    return name, spec
+
+
+def read_plan(path: str | Path, layers_by_name: dict) -> Plan:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such plan file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a JSON plan ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("layers"), dict):
+        raise UserError(f"{path}: not a {PLAN_FORMAT} plan (needs \"format\" and \"layers\")")
+    factorization = data.get("factorization", "plain")
+    if factorization not in FACTORIZATIONS:
+        raise UserError(f"{path}: factorization {factorization!r} is not one of {', '.join(FACTORIZATIONS)}")
+    unknown = sorted(set(data["layers"]) - set(layers_by_name))
+    if unknown:
+        raise UserError(f"{path}: names layers the model does not have: {', '.join(unknown[:5])}"
+                        f"{' ...' if len(unknown) > 5 else ''} (see `denseflex-onnx inspect`)")
+    choices = {}
+    for name, entry in data["layers"].items():
+        try:
+            method, config = entry["method"], entry.get("config", {})
+        except (TypeError, KeyError):
+            raise UserError(f"{path}: layer {name} needs a \"method\" and a \"config\"") from None
+        if method == "dense":
+            continue
+        if method not in PASSES:
+            raise UserError(f"{path}: layer {name}: unknown method {method!r}")
+        reason = PASSES[method].applies(layers_by_name[name])
+        if reason:
+            raise UserError(f"{path}: {method} cannot take layer {name}: {reason}")
+        # the spec parser validates the config against the layer (ranks within bounds)
+        spec = PASSES[method].spec(config) if _config_ok(method, config) else None
+        if spec is None:
+            raise UserError(f"{path}: layer {name}: malformed config {config!r} for {method}")
+        choices[name] = parse_spec(layers_by_name[name], spec)
+    return Plan(choices, factorization, data.get("model_sha256", ""))
+
+
+def _config_ok(method: str, config) -> bool:
+    keys = {"svd": {"rank"}, "conv_svd": {"rank"}, "conv_tt": {"ranks"},
+            "tt": {"in_modes", "out_modes", "ranks"}}[method]
+    return isinstance(config, dict) and keys <= set(config)
+
+
+def write_json(data: dict, path: Path) -> None:
+    from .model import atomic_write_bytes
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())

@@ -1,0 +1,102 @@
+"""Applying a plan: every chosen layer's pass rewrites the graph; the rest is kept."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .passes import PASSES
+
+from . import __version__
+from .layers import Layer
+from .plan import Choice, Plan
+from .runtime import max_ir_version
+
+
+def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
+                  factors: dict[str, list[np.ndarray]] | None = None, stats=None) -> onnx.ModelProto:
+    """A new model with each planned layer replaced by its chain.
+
+    `factors` may hold precomputed factors by layer name; the others are factorized here.
+    Opset, metadata, other nodes, input and output names, dtypes and symbolic dims are kept;
+    the IR version is capped at what onnxruntime reads; the tool version and plan hash are
+    recorded in metadata_props.
+    """
+    graph = gs.import_onnx(model)
+    for name, choice in sorted(plan.rewritten().items()):
+        layer = layers[name]
+        module = PASSES[choice.method]
+        layer_factors = (factors or {}).get(name)
+        if layer_factors is None:
+            layer_factors = module.factorize(layer, choice.config, (stats or {}).get(name))
+        module.rewrite(graph, layer, layer_factors)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    exported = gs.export_onnx(graph, do_type_check=False)
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model) if model.ByteSize() < 2**31 - 1 else _copy_header(model, out)
+    out.graph.CopyFrom(exported.graph)
+    _keep_interface(model.graph, out.graph)
+    out.ir_version = min(model.ir_version, max_ir_version())
+    _set_metadata(out, {"denseflex_onnx.version": __version__, "denseflex_onnx.plan_sha256": plan.sha256()})
+    return out
+
+
+def _copy_header(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(dst, field, getattr(src, field))
+    dst.opset_import.extend(src.opset_import)
+    dst.metadata_props.extend(src.metadata_props)
+    dst.functions.extend(src.functions)
+
+
+def _keep_interface(src: onnx.GraphProto, dst: onnx.GraphProto) -> None:
+    """Inputs and outputs exactly as they were (gs may re-derive their types)."""
+    del dst.input[:]
+    dst.input.extend(src.input)
+    del dst.output[:]
+    dst.output.extend(src.output)
+
+
+def _set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def one_layer_model(layer: Layer, choice: Choice, factors: list[np.ndarray] | None,
+                    opset: int = 17) -> onnx.ModelProto:
+    """The layer alone at its real activation shape, dense or rewritten: what gets timed."""
+    dtype = onnx.helper.np_dtype_to_tensor_dtype(layer.dtype)
+    x = onnx.helper.make_tensor_value_info("x", dtype, list(layer.activation_shape))
+    y = onnx.helper.make_tensor_value_info("y", dtype, list(layer.output_shape))
+    inits = [onnx.numpy_helper.from_array(layer.weight, "W")]
+    bias_input = []
+    if layer.bias is not None:
+        inits.append(onnx.numpy_helper.from_array(layer.bias, "b"))
+        bias_input = ["b"]
+    nodes: list[onnx.NodeProto]
+    if layer.op == "Conv":
+        attrs = {k: list(v) for k, v in layer.attrs.items()}
+        nodes = [onnx.helper.make_node("Conv", ["x", "W", *bias_input], ["y"], **attrs)]
+    elif layer.op == "Gemm":
+        nodes = [onnx.helper.make_node("Gemm", ["x", "W", *bias_input], ["y"],
+                                       transA=layer.attrs.get("transA", 0))]
+    elif layer.side == "left":
+        nodes = [onnx.helper.make_node("MatMul", ["W", "x"], ["y"])]
+    elif layer.bias is not None:
+        nodes = [onnx.helper.make_node("MatMul", ["x", "W"], ["h"]), onnx.helper.make_node("Add", ["h", "b"], ["y"])]
+    else:
+        nodes = [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, layer.name, [x], [y], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, max_ir_version())
+    if choice.method == "dense":
+        return model
+    local = dataclasses.replace(layer, input="x", output="y", node_outputs=tuple(n.output[0] for n in nodes))
+    plan = Plan({layer.name: choice})
+    return rewrite_model(model, {layer.name: local}, plan, {layer.name: factors} if factors else None)

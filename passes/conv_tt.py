@@ -1,0 +1,112 @@
+"""3-core Tensor-Train of a Conv kernel in the order (Cin | kh*kw | Cout).
+
+Conv(Cin->Cout, kxk) becomes Conv 1x1 (Cin->r1), Conv kxk (r1->r2, the original
+strides, pads and dilations), Conv 1x1 (r2->Cout) with the bias. Zero padding
+commutes with a 1x1 convolution without bias, so the pads move to the middle conv.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorly as tl
+from tensorly.decomposition import tensor_train
+
+from denseflex_onnx import costs
+from denseflex_onnx.errors import UserError
+
+from .chain import Chain, rank_from_text
+
+NAME = "conv_tt"
+OPS = ("Conv",)
+RANK_STEPS = (8, 16, 32, 64, 128, 256)
+
+
+def applies(layer) -> str | None:
+    if layer.op not in OPS:
+        return f"conv_tt takes Conv layers, not {layer.op}"
+    if costs.prod(layer.weight.shape[2:]) == 1:
+        return "1x1 kernel: conv_svd covers it"
+    return None
+
+
+def max_ranks(layer) -> tuple[int, int]:
+    cout, cin = layer.weight.shape[:2]
+    kk = costs.prod(layer.weight.shape[2:])
+    return min(cin, kk * cout), min(cin * kk, cout)
+
+
+def candidates(layer) -> list[dict]:
+    """(r1, r2) on multiples of 8 up to each bond's maximum, that save weights."""
+    caps = max_ranks(layer)
+    steps = [[r for r in RANK_STEPS if r <= c] or [c] for c in caps]
+    dense_params = layer.weight.size
+    configs = []
+    for r1 in steps[0]:
+        for r2 in steps[1]:
+            config = {"ranks": [r1, r2]}
+            if cost(layer, config)[0] < dense_params:
+                configs.append(config)
+    return configs
+
+
+def cost(layer, config) -> tuple[int, int]:
+    cout, cin = layer.weight.shape[:2]
+    kk = costs.prod(layer.weight.shape[2:])
+    r1, r2 = config["ranks"]
+    bias = layer.bias.size if layer.bias is not None else 0
+    pixels_in = layer.activation_shape[0] * costs.prod(layer.activation_shape[2:])
+    flops = (costs.matmul_flops(pixels_in, cin, r1) + costs.matmul_flops(layer.rows, r1 * kk, r2)
+             + costs.matmul_flops(layer.rows, r2, cout))
+    return cin * r1 + r1 * kk * r2 + r2 * cout + bias, flops
+
+
+def decompose(layer, stats=None, max_rank=None):
+    return None
+
+
+def factorize(layer, config, stats=None, decomposition=None) -> list[np.ndarray]:
+    """Three kernels: [r1, Cin, 1..], [r2, r1, *k], [Cout, r2, 1..]."""
+    cout, cin = layer.weight.shape[:2]
+    spatial = layer.weight.shape[2:]
+    r1, r2 = config["ranks"]
+    kk = costs.prod(spatial)
+    tensor = layer.weight.astype(np.float64).reshape(cout, cin, kk).transpose(1, 2, 0)  # Cin, kk, Cout
+    g1, g2, g3 = tensor_train(tl.tensor(tensor), rank=[1, r1, r2, 1], svd="truncated_svd")
+    g1, g2, g3 = (np.asarray(g) for g in (g1, g2, g3))
+    r1, r2 = g1.shape[-1], g2.shape[-1]       # tensorly caps ranks at what the shape allows
+    ones = [1] * len(spatial)
+    first = g1[0].T.reshape(r1, cin, *ones)
+    middle = g2.transpose(2, 0, 1).reshape(r2, r1, *spatial)
+    last = g3[..., 0].T.reshape(cout, r2, *ones)
+    return [k.astype(layer.dtype) for k in (first, middle, last)]
+
+
+def rewrite(graph, layer, factors) -> None:
+    first, middle, last = factors
+    ones = [1] * (first.ndim - 2)
+    chain = Chain(graph, layer, NAME)
+    h = chain.op("Conv", [chain.input, chain.constant("W1", first)], {"kernel_shape": ones})
+    attrs = {"kernel_shape": list(middle.shape[2:]), **{k: list(v) for k, v in layer.attrs.items()}}
+    h = chain.op("Conv", [h, chain.constant("W2", middle)], attrs)
+    inputs = [h, chain.constant("W3", last)]
+    if layer.bias is not None:
+        inputs.append(chain.constant("bias", layer.bias))
+    chain.finish("Conv", inputs, {"kernel_shape": ones})
+
+
+def parse_spec(layer, text: str) -> dict:
+    what = f"conv_tt:{text} on {layer.name}"
+    caps = max_ranks(layer)
+    if "x" in text:
+        parts = text.split("x")
+        if len(parts) != 2:
+            raise UserError(f"{what}: expected conv_tt:R1xR2 (conv_tt:16x32) or a fraction")
+        ranks = [rank_from_text(p, c, what) for p, c in zip(parts, caps)]
+    else:
+        ranks = [rank_from_text(text, c, what) for c in caps]
+    if any(r > c for r, c in zip(ranks, caps)):
+        raise UserError(f"{what}: ranks {ranks} exceed the layer's maxima {list(caps)}")
+    return {"ranks": ranks}
+
+
+def spec(config) -> str:
+    return "conv_tt:{}x{}".format(*config["ranks"])

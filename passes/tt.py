@@ -1,0 +1,186 @@
+"""Tensor-Train matrix (Novikov et al. 2015) of a Gemm/MatMul weight.
+
+W (K x N) with K = k1*...*kd and N = n1*...*nd is held as cores
+G_t [r_{t-1}, k_t, n_t, r_t]. In ONNX the cores are contracted right to left as
+plain MatMuls over a 3-D state, each core a 2-D constant (prepacked by
+onnxruntime, no Transposes): measured faster on ORT CPU than an Einsum chain
+(bench/layers.py). Leading dims are taken from the input at run time.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import tensorly as tl
+from tensorly.decomposition import tensor_train
+
+from denseflex_onnx import costs
+from denseflex_onnx.errors import UserError
+
+from .chain import Chain
+
+NAME = "tt"
+OPS = ("Gemm", "MatMul")
+BOND_RANKS = (2, 4, 8, 16, 32, 64, 128, 256)
+MODES = (2, 3, 4)
+
+
+def applies(layer) -> str | None:
+    if layer.op not in OPS:
+        return f"tt takes Gemm and MatMul layers, not {layer.op}"
+    if layer.side == "left":
+        return "tt takes weights on the right of a MatMul (x @ W) only"
+    k, n = layer.weight.shape
+    if not factorizations(k, 2) or not factorizations(n, 2):
+        return f"weight {k}x{n}: a dimension is prime or too small for a tensor-train shape"
+    return None
+
+
+def factorizations(n: int, d: int) -> list[tuple[int, ...]]:
+    """Factorizations of n into d factors >= 2 (ascending), most balanced first."""
+    def split(rest: int, parts: int, smallest: int):
+        if parts == 1:
+            return [(rest,)] if rest >= smallest else []
+        return [(f, *tail) for f in range(smallest, int(rest ** (1 / parts)) + 2)
+                if rest % f == 0 for tail in split(rest // f, parts - 1, f)]
+
+    return sorted(set(split(n, d, 2)), key=lambda fs: (max(fs) / min(fs), fs))
+
+
+def max_bonds(in_modes, out_modes) -> list[int]:
+    """The largest useful rank of each bond: min of the two sides' sizes."""
+    sizes = [k * n for k, n in zip(in_modes, out_modes)]
+    return [min(math.prod(sizes[:t + 1]), math.prod(sizes[t + 1:])) for t in range(len(sizes) - 1)]
+
+
+def candidates(layer) -> list[dict]:
+    """For d = 2..4 modes: the two most balanced shapes of K and of N, bonds from BOND_RANKS."""
+    k, n = layer.weight.shape
+    configs = []
+    for d in MODES:
+        for ins, outs in itertools.product(factorizations(k, d)[:2], factorizations(n, d)[:2]):
+            caps = max_bonds(ins, outs)
+            for r in BOND_RANKS:
+                ranks = [min(r, c) for c in caps]
+                config = {"in_modes": list(ins), "out_modes": list(outs), "ranks": ranks}
+                if config not in configs:
+                    configs.append(config)
+    return configs
+
+
+def cost(layer, config) -> tuple[int, int]:
+    bias = layer.bias.size if layer.bias is not None else 0
+    ins, outs, ranks = config["in_modes"], config["out_modes"], config["ranks"]
+    return (costs.tt_matrix_params(ins, outs, ranks) + bias,
+            costs.tt_matrix_flops(layer.rows, ins, outs, ranks))
+
+
+def decompose(layer, stats=None, max_rank=None):
+    """TT truncations are not prefixes of one another: each config decomposes on its own."""
+    return None
+
+
+def factorize(layer, config, stats=None, decomposition=None) -> list[np.ndarray]:
+    """Cores [r_{t-1}, k_t, n_t, r_t] by TT-SVD of W permuted to (k1 n1)(k2 n2)...(kd nd)."""
+    ins, outs, ranks = config["in_modes"], config["out_modes"], list(config["ranks"])
+    d = len(ins)
+    w = layer.weight.astype(np.float64).reshape(*ins, *outs)
+    interleaved = w.transpose([i for t in range(d) for i in (t, d + t)])
+    tensor = interleaved.reshape([k * n for k, n in zip(ins, outs)])
+    full = all(r >= c for r, c in zip(ranks, max_bonds(ins, outs)))
+    method = "truncated_svd" if full or min(tensor.shape) <= 256 else "randomized_svd"
+    cores = tensor_train(tl.tensor(tensor), rank=[1, *ranks, 1], svd=method, random_state=0)
+    return [np.asarray(core).reshape(core.shape[0], k, n, core.shape[-1]).astype(layer.dtype)
+            for core, k, n in zip(cores, ins, outs)]
+
+
+def reconstruct(cores) -> np.ndarray:
+    """The K x N matrix the cores hold (for errors and tests)."""
+    ins = [c.shape[1] for c in cores]
+    outs = [c.shape[2] for c in cores]
+    full = cores[0].astype(np.float64)                        # [1, k1, n1, r1]
+    for core in cores[1:]:
+        full = np.tensordot(full, core.astype(np.float64), axes=(-1, 0))
+    full = full.reshape([m for k, n in zip(ins, outs) for m in (k, n)])
+    d = len(cores)
+    return full.transpose([2 * t for t in range(d)] + [2 * t + 1 for t in range(d)]).reshape(
+        math.prod(ins), math.prod(outs))
+
+
+def rewrite(graph, layer, factors) -> None:
+    cores = factors
+    d = len(cores)
+    ins = [c.shape[1] for c in cores]
+    outs = [c.shape[2] for c in cores]
+    r = [1] + [c.shape[-1] for c in cores]
+    chain = Chain(graph, layer, NAME)
+    x = chain.input
+    if layer.attrs.get("transA"):
+        x = chain.op("Transpose", [x], {"perm": [1, 0]})
+    # last core first, as a right-multiply: [B*k1..k_{d-1}, k_d] @ [k_d, r_{d-1}*n_d]
+    state = chain.op("Reshape", [x, chain.shape_constant("shape_in", [-1, ins[-1]])])
+    last = cores[-1][..., 0].transpose(1, 0, 2).reshape(ins[-1], r[d - 1] * outs[-1])
+    state = chain.op("MatMul", [state, chain.constant(f"core{d - 1}", last)])
+    for t in range(d - 2, -1, -1):
+        # [.., k_t*r_{t+1}, n_{t+1}..n_d] <- C_t [r_t*n_t, k_t*r_{t+1}] @ state
+        tail = math.prod(outs[t + 1:])
+        state = chain.op("Reshape", [state, chain.shape_constant(f"shape{t}", [-1, ins[t] * r[t + 1], tail])])
+        core = cores[t].transpose(0, 2, 1, 3).reshape(r[t] * outs[t], ins[t] * r[t + 1])
+        state = chain.op("MatMul", [chain.constant(f"core{t}", core), state])
+    n = math.prod(outs)
+    rank = len(layer.activation_shape)
+    if rank == 2 or layer.attrs.get("transA"):
+        out_shape = chain.shape_constant("shape_out", [-1, n])
+    else:
+        lead = chain.op("Slice", [chain.op("Shape", [chain.input]), chain.shape_constant("start", [0]),
+                                  chain.shape_constant("end", [-1])])
+        out_shape = chain.op("Concat", [lead, chain.shape_constant("n", [n])], {"axis": 0})
+    chain.last("Reshape", [state, out_shape], bias=layer.bias)
+
+
+def parse_spec(layer, text: str) -> dict:
+    """`7x8x14,8x8x16:16` (modes, then one rank or one per bond) or `0.25`."""
+    what = f"tt:{text} on {layer.name}"
+    k, n = layer.weight.shape
+    if ":" not in text:
+        try:
+            fraction = float(text)
+        except ValueError:
+            raise UserError(f"{what}: expected tt:IN,OUT:RANK (tt:7x8x14,8x8x16:16) or a fraction (tt:0.25)") from None
+        if not 0 < fraction <= 1:
+            raise UserError(f"{what}: fraction must be in (0, 1]")
+        ins, outs = factorizations(k, 3)[:1], factorizations(n, 3)[:1]
+        if not ins or not outs:
+            ins, outs = factorizations(k, 2)[:1], factorizations(n, 2)[:1]
+        if not ins or not outs:
+            raise UserError(f"{what}: {k}x{n} has no tensor-train shape")
+        caps = max_bonds(ins[0], outs[0])
+        return {"in_modes": list(ins[0]), "out_modes": list(outs[0]),
+                "ranks": [max(1, int(round(fraction * c))) for c in caps]}
+    try:
+        modes, rank_text = text.rsplit(":", 1)
+        in_text, out_text = modes.split(",")
+        ins = [int(v) for v in in_text.split("x")]
+        outs = [int(v) for v in out_text.split("x")]
+        ranks = [int(v) for v in rank_text.split("x")]
+    except ValueError:
+        raise UserError(f"{what}: expected tt:IN,OUT:RANK, e.g. tt:7x8x14,8x8x16:16") from None
+    if len(ins) != len(outs) or len(ins) < 2:
+        raise UserError(f"{what}: input and output modes need the same count, at least 2")
+    if math.prod(ins) != k or math.prod(outs) != n:
+        raise UserError(f"{what}: modes multiply to {math.prod(ins)}x{math.prod(outs)}, the weight is {k}x{n}")
+    if len(ranks) == 1:
+        ranks = ranks * (len(ins) - 1)
+    if len(ranks) != len(ins) - 1 or min(ranks) < 1:
+        raise UserError(f"{what}: give one rank or one per bond ({len(ins) - 1})")
+    caps = max_bonds(ins, outs)
+    if any(r > c for r, c in zip(ranks, caps)):
+        raise UserError(f"{what}: bond ranks {ranks} exceed the maxima {caps} of this shape")
+    return {"in_modes": ins, "out_modes": outs, "ranks": ranks}
+
+
+def spec(config) -> str:
+    return "tt:{},{}:{}".format("x".join(map(str, config["in_modes"])),
+                                "x".join(map(str, config["out_modes"])),
+                                "x".join(map(str, config["ranks"])))
