@@ -189,8 +189,38 @@ def load(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | Non
     path = Path(path)
     proto, external = read_model(path)
     concrete = resolve_input_shapes(proto, input_shapes or {})
+    shapes = infer_shapes(proto, concrete)
+    missing = sorted({t for n in proto.graph.node if n.op_type in _SHAPES_NEEDED
+                      for t in [*n.input, *n.output] if t and t not in shapes})
+    if missing:
+        shapes.update(measure_shapes(proto, concrete, missing))
     return LoadedModel(path=path, proto=proto, sha256=sha256_file(path), input_shapes=concrete,
-                       shapes=infer_shapes(proto, concrete), external_data=external)
+                       shapes=shapes, external_data=external)
+
+
+# the ops whose tensor shapes discovery and FLOP counts read
+_SHAPES_NEEDED = ("Gemm", "MatMul", "Conv", "Add")
+
+
+def measure_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+                   names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes that inference could not resolve, read off one onnxruntime run at these input shapes."""
+    from .runtime import create_session, input_dtypes
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(model)
+    outputs = {o.name for o in tapped.graph.output}
+    for name in names:
+        if name not in outputs:
+            tapped.graph.output.append(onnx.ValueInfoProto(name=name))
+    try:
+        session = create_session(tapped)
+        feeds = {name: np.ones(input_shapes[name], dtype=dtype)
+                 for name, dtype in input_dtypes(session).items()}
+        values = session.run(names, feeds)
+    except Exception as exc:
+        log.warning("could not measure tensor shapes (%s); some layers may be skipped", _first_line(exc))
+        return {}
+    return {name: tuple(v.shape) for name, v in zip(names, values)}
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:

@@ -11,7 +11,7 @@ from denseflex_onnx import costs
 from denseflex_onnx.errors import UserError
 
 from .chain import Chain, rank_from_text, split_singular_values
-from .svd import truncated_svd
+from . import svd
 
 NAME = "conv_svd"
 OPS = ("Conv",)
@@ -54,19 +54,26 @@ def kernel_matrix(layer) -> np.ndarray:
     return layer.weight.reshape(layer.weight.shape[0], -1).T
 
 
-def decompose(layer, stats=None, max_rank: int | None = None):
-    return truncated_svd(kernel_matrix(layer).astype(np.float64), max_rank)
+def decompose(layer, stats=None, max_rank: int | None = None, mode: str = "plain"):
+    """The SVD of the kernel matrix; data-aware modes use im2col patch statistics."""
+    return svd.decompose_matrix(kernel_matrix(layer).astype(np.float64), stats, max_rank, mode)
 
 
-def factorize(layer, config, stats=None, decomposition=None) -> list[np.ndarray]:
+def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain") -> list[np.ndarray]:
     """[first kernel [r, Cin, *k], 1x1 kernel [Cout, r, 1...]]."""
     rank = config["rank"]
-    u, s, vt = decomposition if decomposition is not None else decompose(layer, stats, rank)
-    a, b = split_singular_values(u, s, vt, rank)     # a [P, r], b [r, Cout]
+    d = decomposition if decomposition is not None else decompose(layer, stats, rank, mode)
+    a, b = svd.truncate(d, rank)                      # a [P, r], b [r, Cout]
     spatial = layer.weight.shape[2:]
     first = a.T.reshape(rank, *layer.weight.shape[1:])
     second = b.T.reshape(b.shape[1], rank, *([1] * len(spatial)))
     return [first.astype(layer.dtype), second.astype(layer.dtype)]
+
+
+def reconstruct(layer, factors) -> np.ndarray:
+    first, second = (f.astype(np.float64) for f in factors)
+    w = second.reshape(second.shape[0], -1) @ first.reshape(first.shape[0], -1)
+    return w.reshape(layer.weight.shape)
 
 
 def rewrite(graph, layer, factors) -> None:

@@ -59,11 +59,11 @@ def cost(layer, config) -> tuple[int, int]:
     return cin * r1 + r1 * kk * r2 + r2 * cout + bias, flops
 
 
-def decompose(layer, stats=None, max_rank=None):
+def decompose(layer, stats=None, max_rank=None, mode: str = "plain"):
     return None
 
 
-def factorize(layer, config, stats=None, decomposition=None) -> list[np.ndarray]:
+def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain") -> list[np.ndarray]:
     """Three kernels: [r1, Cin, 1..], [r2, r1, *k], [Cout, r2, 1..]."""
     cout, cin = layer.weight.shape[:2]
     spatial = layer.weight.shape[2:]
@@ -78,6 +78,17 @@ def factorize(layer, config, stats=None, decomposition=None) -> list[np.ndarray]
     middle = g2.transpose(2, 0, 1).reshape(r2, r1, *spatial)
     last = g3[..., 0].T.reshape(cout, r2, *ones)
     return [k.astype(layer.dtype) for k in (first, middle, last)]
+
+
+def reconstruct(layer, factors) -> np.ndarray:
+    """The kernel the three convolutions compute together."""
+    first, middle, last = (f.astype(np.float64) for f in factors)
+    r1, r2 = first.shape[0], middle.shape[0]
+    spatial = middle.shape[2:]
+    a = first.reshape(r1, -1)                                   # [r1, Cin]
+    b = middle.reshape(r2, r1, -1)                              # [r2, r1, kk]
+    c = last.reshape(last.shape[0], r2)                         # [Cout, r2]
+    return np.einsum("or,rsk,si->oik", c, b, a).reshape(last.shape[0], a.shape[1], *spatial)
 
 
 def rewrite(graph, layer, factors) -> None:

@@ -6,6 +6,9 @@ rank: truncations are prefixes of the singular triplets.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.linalg
 
@@ -13,6 +16,8 @@ from denseflex_onnx import costs
 from denseflex_onnx.errors import UserError
 
 from .chain import Chain, rank_from_text, split_singular_values
+
+log = logging.getLogger("denseflex_onnx")
 
 NAME = "svd"
 OPS = ("Gemm", "MatMul")
@@ -50,10 +55,70 @@ def cost(layer, config) -> tuple[int, int]:
     return r * (k + n) + bias, costs.matmul_flops(layer.rows, k, r) + costs.matmul_flops(layer.rows, r, n)
 
 
-def decompose(layer, stats=None, max_rank: int | None = None):
-    """(U, S, Vt) of the weight in float64, enough triplets for ranks up to max_rank."""
+@dataclass
+class Decomposition:
+    """SVD of T @ W for a transform T of the input space (identity for plain).
+
+    `energy[i]` is the output error energy on the calibration data that triplet i
+    removes, so the error of every rank is a cumulative sum (no reconstruction).
+    """
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+    untransform: np.ndarray | None   # T^-1, applied to the first factor
+    energy: np.ndarray
+    total: float                     # tr(W^T G W): the output energy of W itself
+
+    def relative_error(self, rank: int) -> float:
+        kept = float(np.sum(self.energy[:rank]))
+        return float(np.sqrt(max(self.total - kept, 0.0) / self.total)) if self.total > 0 else 0.0
+
+
+def matrix(layer) -> np.ndarray:
+    """The weight as x @ M (rows of x are input vectors), float64."""
     w = layer.weight.astype(np.float64)
-    return truncated_svd(w, max_rank)
+    return w.T if layer.side == "left" else w
+
+
+def decompose(layer, stats=None, max_rank: int | None = None, mode: str = "plain") -> Decomposition:
+    return decompose_matrix(matrix(layer), stats, max_rank, mode)
+
+
+def decompose_matrix(w: np.ndarray, stats=None, max_rank: int | None = None,
+                     mode: str = "plain") -> Decomposition:
+    """Plain SVD of W, or data-aware: whitened (SVD-LLM: T = chol(X^T X)^T, so truncation
+    minimizes the output error) or scaled (ASVD: T = diag(mean|x|^0.5))."""
+    gram = stats.gram if stats is not None else None
+    transform = untransform = None
+    if gram is not None and mode == "whitened":
+        root = cholesky_root(gram)
+        if root is not None:
+            transform, untransform = root.T, scipy.linalg.solve_triangular(root.T, np.eye(len(root)), lower=False)
+    elif gram is not None and mode == "scaled":
+        scale = np.sqrt(np.maximum(stats.mean_abs, 1e-6 * max(float(stats.mean_abs.max()), 1e-12)))
+        transform, untransform = np.diag(scale), np.diag(1.0 / scale)
+    m = w if transform is None else transform @ w
+    u, s, vt = truncated_svd(m, max_rank)
+    if gram is None:
+        energy, total = s ** 2, float(np.sum(w * w))
+    else:
+        # error energy in the transformed space: G' = T^-T G T^-1 (identity when whitened)
+        g_t = gram if untransform is None else untransform.T @ gram @ untransform
+        energy = s ** 2 * np.einsum("ki,kl,li->i", u, g_t, u)
+        total = float(np.sum(w * (gram @ w)))
+    return Decomposition(u, s, vt, untransform, energy, total)
+
+
+def cholesky_root(gram: np.ndarray) -> np.ndarray | None:
+    """Lower L with L L^T = X^T X + a small ridge; None (plain SVD then) if it fails."""
+    ridge = 1e-6 * max(float(np.trace(gram)) / len(gram), 1e-12)
+    for scale in (1, 100, 10000):
+        try:
+            return np.linalg.cholesky(gram + scale * ridge * np.eye(len(gram)))
+        except np.linalg.LinAlgError:
+            continue
+    log.warning("calibration activations give a singular X^T X: plain SVD for this layer")
+    return None
 
 
 def truncated_svd(w: np.ndarray, max_rank: int | None = None):
@@ -80,14 +145,28 @@ def _randomized_svd(w: np.ndarray, rank: int, oversample: int = 16, power_iterat
     return (q @ u)[:, :rank], s[:rank], vt[:rank]
 
 
-def factorize(layer, config, stats=None, decomposition=None) -> list[np.ndarray]:
-    """[A, B] with A @ B ~ W (for a left constant, A @ B ~ W as well, A [M, r])."""
+def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain") -> list[np.ndarray]:
+    """[A, B] with x @ A @ B ~ x @ W; for a constant on the left, [A^T, B^T]."""
     rank = config["rank"]
-    u, s, vt = decomposition if decomposition is not None else decompose(layer, stats, rank)
-    if rank > len(s):
-        raise ValueError(f"rank {rank} above the {len(s)} triplets decomposed")
-    a, b = split_singular_values(u, s, vt, rank)
+    d = decomposition if decomposition is not None else decompose(layer, stats, rank, mode)
+    a, b = truncate(d, rank)
+    if layer.side == "left":
+        a, b = a.T, b.T        # applied first, then second: B^T @ (A^T @ x)
     return [a.astype(layer.dtype), b.astype(layer.dtype)]
+
+
+def truncate(d: Decomposition, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two factors at this rank, [K, r] and [r, N], float64."""
+    if rank > len(d.s):
+        raise ValueError(f"rank {rank} above the {len(d.s)} triplets decomposed")
+    a, b = split_singular_values(d.u, d.s, d.vt, rank)
+    return (a if d.untransform is None else d.untransform @ a), b
+
+
+def reconstruct(layer, factors) -> np.ndarray:
+    """The weight the factors compute, in the layout of layer.weight."""
+    a, b = (f.astype(np.float64) for f in factors)
+    return a @ b if layer.side == "right" else b @ a
 
 
 def rewrite(graph, layer, factors) -> None:
@@ -95,8 +174,8 @@ def rewrite(graph, layer, factors) -> None:
     chain = Chain(graph, layer, NAME)
     x = chain.input
     if layer.side == "left":
-        h = chain.op("MatMul", [chain.constant("B", b), x])
-        chain.finish("MatMul", [chain.constant("A", a), h])
+        h = chain.op("MatMul", [chain.constant("A", a), x])
+        chain.finish("MatMul", [chain.constant("B", b), h])
         return
     if layer.attrs.get("transA"):
         x = chain.op("Transpose", [x], {"perm": [1, 0]})

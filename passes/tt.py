@@ -76,12 +76,12 @@ def cost(layer, config) -> tuple[int, int]:
             costs.tt_matrix_flops(layer.rows, ins, outs, ranks))
 
 
-def decompose(layer, stats=None, max_rank=None):
+def decompose(layer, stats=None, max_rank=None, mode: str = "plain"):
     """TT truncations are not prefixes of one another: each config decomposes on its own."""
     return None
 
 
-def factorize(layer, config, stats=None, decomposition=None) -> list[np.ndarray]:
+def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain") -> list[np.ndarray]:
     """Cores [r_{t-1}, k_t, n_t, r_t] by TT-SVD of W permuted to (k1 n1)(k2 n2)...(kd nd)."""
     ins, outs, ranks = config["in_modes"], config["out_modes"], list(config["ranks"])
     d = len(ins)
@@ -95,8 +95,12 @@ def factorize(layer, config, stats=None, decomposition=None) -> list[np.ndarray]
             for core, k, n in zip(cores, ins, outs)]
 
 
-def reconstruct(cores) -> np.ndarray:
-    """The K x N matrix the cores hold (for errors and tests)."""
+def reconstruct(layer, factors) -> np.ndarray:
+    """The K x N matrix the cores hold."""
+    return reconstruct_cores(factors)
+
+
+def reconstruct_cores(cores) -> np.ndarray:
     ins = [c.shape[1] for c in cores]
     outs = [c.shape[2] for c in cores]
     full = cores[0].astype(np.float64)                        # [1, k1, n1, r1]

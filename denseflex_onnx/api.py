@@ -1,0 +1,491 @@
+"""The Python API: the pipeline load -> find -> space -> measure -> choose -> write.
+
+The CLI calls these functions, so the API and the CLI give the same plan on the
+same inputs and cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import calibrate, data as data_mod, layers as layers_mod, metrics, model as model_mod, profile, report, search, space as space_mod
+from .constraints import Constraints, METRICS, format_bytes, format_flops, format_seconds
+from .errors import UserError
+from .passes import PASSES
+from .plan import DENSE, FACTORIZATIONS, Choice, Plan, parse_layer_option, parse_spec, read_plan
+from .rewrite import rewrite_model
+from .runtime import create_session, resolve_provider
+
+log = logging.getLogger("denseflex_onnx")
+
+SYNTHETIC_EVAL_SAMPLES = 128
+
+
+class Progress:
+    """No-op progress; the CLI passes one that draws rich progress bars."""
+
+    def task(self, description: str, total: int | None):
+        return contextlib.nullcontext(lambda n=1: None)
+
+
+@dataclass
+class Result:
+    status: str                          # "ok" | "infeasible"
+    plan: Plan
+    report: dict
+    files: list[Path] = field(default_factory=list)
+    misses: list[str] = field(default_factory=list)
+
+    @property
+    def feasible(self) -> bool:
+        return self.status == "ok"
+
+
+def parse_time_budget(text: str | None) -> float | None:
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            return float(t[:-1]) * units[t[-1]]
+        return float(t)
+    except ValueError:
+        raise UserError(f"--time-budget {text!r}: use e.g. 90s, 10m or 1h") from None
+
+
+# ---------------------------------------------------------------------------------------- inspect
+
+def inspect(path, input_shapes: dict | None = None) -> dict:
+    """The `inspect --json` object of CLI.md."""
+    loaded = model_mod.load(path, input_shapes)
+    found = layers_mod.find_layers(loaded)
+    return {
+        "model": str(path), "opset": loaded.opset, "ir_version": loaded.ir_version,
+        "inputs": {k: list(v) for k, v in loaded.input_shapes.items()},
+        "layers": [{"name": l.name, "op": l.op, "weight_shape": list(l.weight.shape),
+                    "activation_shape": list(l.activation_shape), "params": int(l.params), "flops": int(l.flops),
+                    "params_share": round(l.params_share, 6), "flops_share": round(l.flops_share, 6)}
+                   for l in found.layers],
+        "skipped": [{"name": s.name, "op": s.op, "reason": s.reason} for s in found.skipped],
+        "totals": {"params": int(found.total_params), "flops": int(found.total_flops)},
+    }
+
+
+# ------------------------------------------------------------------------------------------ shared
+
+@dataclass
+class _Prepared:
+    loaded: model_mod.LoadedModel
+    layers: dict[str, layers_mod.Layer]
+    discovery: layers_mod.Discovery
+
+
+def _prepare(path, input_shapes) -> _Prepared:
+    loaded = model_mod.load(path, input_shapes)
+    found = layers_mod.find_layers(loaded)
+    if not found.layers:
+        reasons = "; ".join(sorted({s.reason for s in found.skipped})) or "no Gemm, MatMul or Conv node"
+        raise UserError(f"{path}: nothing to factorize ({reasons})")
+    return _Prepared(loaded, {l.name: l for l in found.layers}, found)
+
+
+def _dataset(loaded, data_path, calib_samples: int, seed: int):
+    if data_path is not None:
+        dataset = data_mod.load_data(data_path, loaded)
+    else:
+        dataset = data_mod.synthetic_data(loaded, calib_samples + SYNTHETIC_EVAL_SAMPLES, seed)
+    return data_mod.split(dataset, calib_samples)
+
+
+def _factorization(requested: str | None, data_path) -> str:
+    if requested is None:
+        return "whitened" if data_path is not None else "plain"
+    if requested not in FACTORIZATIONS:
+        raise UserError(f"--factorization {requested!r}: use one of {', '.join(FACTORIZATIONS)}")
+    return requested
+
+
+def _forced(prep: _Prepared, layer_specs, exclude) -> dict[str, Choice]:
+    forced: dict[str, Choice] = {}
+    for name in exclude or []:
+        if name not in prep.layers:
+            raise UserError(f"--exclude {name}: no such layer (see `denseflex-onnx inspect`)")
+        forced[name] = DENSE
+    for text in layer_specs or []:
+        name, spec = parse_layer_option(text)
+        if name not in prep.layers:
+            raise UserError(f"--layer {name}: no such layer (see `denseflex-onnx inspect`)")
+        forced[name] = parse_spec(prep.layers[name], spec)
+    return forced
+
+
+def _weight_bytes(proto: onnx.ModelProto) -> int:
+    return model_mod.weight_bytes(proto)
+
+
+# ------------------------------------------------------------------------------------------- apply
+
+def apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=None, force=False,
+          input_shapes=None, calib_samples: int = 128, seed: int = 0) -> dict:
+    """Rewrite the model by a plan, per-layer specs or one spec for all; writes `out` atomically."""
+    path, out = Path(path), Path(out)
+    if sum(x is not None and x != [] for x in (plan_path, layer_specs, all_spec)) != 1:
+        raise UserError("give exactly one of --plan PLAN.json, --layer NAME=SPEC (repeatable) or --all SPEC")
+    model_mod.check_output_path(out, [path], force)
+    prep = _prepare(path, input_shapes)
+    notes: list[str] = []
+    if plan_path is not None:
+        plan = read_plan(plan_path, prep.layers)
+        if plan.model_sha256 and plan.model_sha256 != prep.loaded.sha256:
+            log.warning("the plan was made for another model file (sha256 differs); applying it by layer name")
+        if plan.factorization != "plain" and data is None:
+            raise UserError(f"{plan_path} is a {plan.factorization} (data-aware) plan: give the calibration data "
+                            f"with --data to re-apply it")
+    elif layer_specs:
+        plan = Plan(_forced(prep, layer_specs, None), "plain")
+    else:
+        plan, notes = _plan_for_all(prep, all_spec)
+    plan.model_sha256 = prep.loaded.sha256
+    if not plan.rewritten():
+        raise UserError("the plan rewrites no layer: nothing to do")
+    stats = None
+    mode = plan.factorization
+    calib = evaluation = None
+    if data is not None:
+        calib, evaluation = _dataset(prep.loaded, data, calib_samples, seed)
+        if mode != "plain":
+            stats = calibrate.collect(prep.loaded, [prep.layers[n] for n in plan.rewritten()], calib)
+    factors = space_mod.Factors(prep.layers, stats, mode)
+    factor_map = {n: factors.factors(prep.layers[n], c) for n, c in plan.rewritten().items()}
+    new = rewrite_model(prep.loaded.proto, prep.layers, plan, factor_map)
+    files = model_mod.write_model(new, out, external=prep.loaded.external_data)
+    summary = _summary(prep, plan, new)
+    summary["notes"] = notes
+    summary["files"] = [str(f) for f in files]
+    if evaluation is not None:
+        ref_session = create_session(prep.loaded.proto)
+        new_session = create_session(new) if new.ByteSize() < model_mod.PROTOBUF_LIMIT else create_session(out)
+        reference = metrics.outputs(ref_session, evaluation, prep.loaded, None)
+        result = metrics.outputs(new_session, evaluation, prep.loaded, None)
+        kind = metrics.default_metric(evaluation)
+        summary["metric"] = {"kind": kind,
+                             "original": metrics.score(kind, reference, reference, evaluation.labels),
+                             "rewritten": metrics.score(kind, result, reference, evaluation.labels)}
+    return summary
+
+
+def _plan_for_all(prep: _Prepared, spec: str) -> tuple[Plan, list[str]]:
+    choices, notes = {}, []
+    method = spec.partition(":")[0]
+    if method not in PASSES:
+        raise UserError(f"--all {spec!r}: unknown method {method!r}; use one of {', '.join(PASSES)}")
+    for name, layer in prep.layers.items():
+        reason = PASSES[method].applies(layer)
+        if reason:
+            notes.append(f"{name}: left dense ({reason})")
+            continue
+        try:
+            choices[name] = parse_spec(layer, spec)
+        except UserError as exc:
+            if "above" in str(exc) or "exceed" in str(exc):
+                notes.append(f"{name}: left dense ({exc})")
+                continue
+            raise
+    if not choices:
+        raise UserError(f"--all {spec}: no layer can take it ({'; '.join(notes[:3])})")
+    return Plan(choices, "plain"), notes
+
+
+def _summary(prep: _Prepared, plan: Plan, new: onnx.ModelProto) -> dict:
+    rows = []
+    params_before = params_after = flops_before = flops_after = 0
+    for name, layer in prep.layers.items():
+        choice = plan.layers.get(name, DENSE)
+        p, f = (layer.params, layer.flops) if choice.method == "dense" else PASSES[choice.method].cost(layer, choice.config)
+        params_before += layer.params
+        flops_before += layer.flops
+        params_after += p
+        flops_after += f
+        if choice.method != "dense":
+            rows.append({"layer": name, "spec": choice.spec, "params": [int(layer.params), int(p)],
+                         "flops": [int(layer.flops), int(f)]})
+    return {"rewritten": rows, "layer_params": [params_before, params_after], "layer_flops": [flops_before, flops_after],
+            "model_bytes": [_weight_bytes(prep.loaded.proto), _weight_bytes(new)],
+            "model_flops": [prep.discovery.total_flops, prep.discovery.total_flops - flops_before + flops_after]}
+
+
+# ------------------------------------------------------------------------------ explore / optimize
+
+@dataclass
+class _Explored:
+    prep: _Prepared
+    constraints: Constraints
+    provider: str
+    threads: int
+    mode: str
+    metric: str
+    output: str | None
+    calib: data_mod.Dataset
+    evaluation: data_mod.Dataset
+    factors: space_mod.Factors
+    space: space_mod.Space
+    baseline: search.Baseline
+    inputs: dict
+    reference: np.ndarray
+    measure_stats: profile.MeasureStats
+    itemsize: dict[str, int]
+    engine_cache: Path | None
+
+
+def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
+             threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
+             layer_specs, exclude, input_shapes, progress: Progress, methods=None) -> _Explored:
+    started = time.monotonic()
+    constraints = Constraints.parse(latency, memory, flops, max_accuracy_drop, objective)
+    provider = resolve_provider(provider)
+    if threads < 1:
+        raise UserError(f"--threads {threads}: must be at least 1")
+    if metric is not None and metric not in METRICS:
+        raise UserError(f"--metric {metric!r}: use one of {', '.join(METRICS)}")
+    budget_s = parse_time_budget(time_budget)
+    prep = _prepare(path, input_shapes)
+    mode = _factorization(factorization, data)
+    forced = _forced(prep, layer_specs, exclude)
+    calib, evaluation = _dataset(prep.loaded, data, calib_samples, seed)
+    metric = metric or metrics.default_metric(evaluation)
+    if metric == "accuracy" and evaluation.labels is None:
+        raise UserError("--metric accuracy needs `labels` in the --data file; use agreement or cosine")
+
+    layers = list(prep.layers.values())
+    with progress.task("calibration activations", None) as advance:
+        stats = calibrate.collect(prep.loaded, layers, calib, provider="CPUExecutionProvider",
+                                  threads=threads, on_chunk=advance)
+    factors = space_mod.Factors(prep.layers, stats, mode)
+    with progress.task("decomposition and layer errors", len(layers)) as advance:
+        space = space_mod.build(layers, factors, methods, forced, on_layer=lambda _: advance())
+
+    engine_cache = (Path(cache_dir) if cache_dir else profile.default_cache_dir()).parent / "trt-engines" \
+        if provider == "TensorrtExecutionProvider" else None
+    with progress.task("original model", None) as advance:
+        session = create_session(prep.loaded.proto, provider, threads, engine_cache)
+        inputs = profile.profiling_inputs(prep.loaded, calib)
+        base_timing = profile.time_session(session, inputs, provider)
+        ref_session = create_session(prep.loaded.proto, "CPUExecutionProvider", threads)
+        reference = metrics.outputs(ref_session, evaluation, prep.loaded, output)
+        base_metric = metrics.score(metric, reference, reference, evaluation.labels)
+        advance()
+    baseline = search.Baseline(base_timing.median, _weight_bytes(prep.loaded.proto),
+                               prep.discovery.total_flops, base_metric)
+
+    cache = profile.Cache(None if no_cache else Path(cache_dir) if cache_dir else profile.default_cache_dir(),
+                          provider, threads)
+    deadline = started + budget_s if budget_s is not None else None
+    alive = sum(1 for c in space.all() if c.dropped is None)
+    with progress.task("timing candidates", alive) as advance:
+        measured = profile.measure_space(space, prep.layers, factors, cache, provider, threads,
+                                         deadline=deadline, opset=max(prep.loaded.opset, 13),
+                                         engine_cache=engine_cache, on_candidate=lambda _: advance(),
+                                         warn=log.warning)
+    if sensitivity:
+        log.warning("--sensitivity is not implemented yet: the summed layer error is used as is")
+    itemsize = {n: l.dtype.itemsize for n, l in prep.layers.items()}
+    return _Explored(prep, constraints, provider, threads, mode, metric, output, calib, evaluation, factors,
+                     space, baseline, inputs, reference, measured, itemsize, engine_cache)
+
+
+def _build(ex: _Explored, choices: dict) -> tuple[Plan, onnx.ModelProto]:
+    plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256)
+    factor_map = {n: ex.factors.factors(ex.prep.layers[n], c) for n, c in plan.rewritten().items()}
+    return plan, rewrite_model(ex.prep.loaded.proto, ex.prep.layers, plan, factor_map)
+
+
+AB_ROUNDS = 3
+
+
+def _verify(ex: _Explored, choices: dict) -> search.Verified:
+    """Build the whole model; time it A/B interleaved with the original; score it on held-out data."""
+    plan, new = _build(ex, choices)
+    original = create_session(ex.prep.loaded.proto, ex.provider, ex.threads, ex.engine_cache)
+    candidate = create_session(new, ex.provider, ex.threads, ex.engine_cache)
+    a, b = [], []
+    for _ in range(AB_ROUNDS):
+        a.append(profile.time_session(original, ex.inputs, ex.provider).median)
+        b.append(profile.time_session(candidate, ex.inputs, ex.provider).median)
+    scoring = candidate if ex.provider == "CPUExecutionProvider" else create_session(new, "CPUExecutionProvider", ex.threads)
+    result = metrics.outputs(scoring, ex.evaluation, ex.prep.loaded, ex.output)
+    value = metrics.score(ex.metric, result, ex.reference, ex.evaluation.labels)
+    est = search.estimate(choices, _dense(ex.space), ex.baseline, ex.itemsize)
+    return search.Verified(float(np.median(b)), float(np.median(a)), value, _weight_bytes(new), int(est.flops))
+
+
+def _dense(space):
+    return {n: next(c for c in space.candidates[n] if c.is_dense) for n in space.candidates}
+
+
+def _report(ex: _Explored, path, status, chosen: dict, verified: search.Verified | None, misses: list[str],
+            steps: list, plan: Plan | None) -> dict:
+    grid = ex.space.stage_counts.get("grid", 0)
+    never = sum(1 for c in ex.space.all() if c.latency is None)
+    stages = {**ex.space.stage_counts, "timed": ex.measure_stats.timed, "cached": ex.measure_stats.cached,
+              "timing_failed": ex.measure_stats.failed, "not_timed_budget": ex.measure_stats.skipped_budget,
+              "never_timed_share": never / grid if grid else 0.0}
+    b = ex.baseline
+    params_total = ex.prep.discovery.total_params
+    out = {
+        "status": status, "model": str(path), "model_sha256": ex.prep.loaded.sha256,
+        "provider": ex.provider, "threads": ex.threads,
+        "input_shapes": {k: list(v) for k, v in ex.prep.loaded.input_shapes.items()},
+        "factorization": ex.mode, "metric": ex.metric,
+        "samples": {"calibration": ex.calib.samples, "evaluation": ex.evaluation.samples,
+                    "synthetic": ex.calib.synthetic},
+        "constraints": {"latency": ex.constraints.latency and ex.constraints.latency.text,
+                        "memory": ex.constraints.memory and ex.constraints.memory.text,
+                        "flops": ex.constraints.flops and ex.constraints.flops.text,
+                        "max_accuracy_drop": ex.constraints.max_accuracy_drop,
+                        "objective": ex.constraints.objective},
+        "baseline": {"latency_s": b.latency, "bytes": b.bytes, "flops": b.flops, "metric": b.metric,
+                     "params": params_total},
+        "stages": stages, "misses": misses,
+        "plan": plan.to_json() if plan else None,
+        "verifications": [_step_row(ex, s) for s in steps if s.verified is not None],
+        "candidates": report.candidate_rows(ex.space, chosen),
+    }
+    if verified is not None:
+        params = params_total + sum(c.params - _dense(ex.space)[n].params for n, c in chosen.items())
+        out["result"] = {"latency_s": b.latency * verified.latency / verified.baseline_latency,
+                         "latency_ab_s": [verified.baseline_latency, verified.latency],
+                         "speedup": verified.speedup, "bytes": verified.bytes, "flops": verified.flops,
+                         "params": params, "metric": verified.metric, "metric_drop": b.metric - verified.metric}
+    return out
+
+
+def _step_row(ex: _Explored, step) -> dict:
+    v = step.verified
+    params = ex.prep.discovery.total_params + sum(c.params - _dense(ex.space)[n].params for n, c in step.choices.items())
+    return {"error_budget": step.error_budget, "latency_s": ex.baseline.latency * v.latency / v.baseline_latency,
+            "speedup": v.speedup, "metric": v.metric, "bytes": v.bytes, "flops": v.flops, "params": params,
+            "misses": list(step.misses), "plan": {n: c.spec for n, c in step.choices.items() if not c.is_dense}}
+
+
+def missed_line(misses: dict) -> list[str]:
+    out = []
+    for name, (reached, limit) in misses.items():
+        fmt = {"latency": format_seconds, "memory": format_bytes, "flops": format_flops}.get(name, lambda v: f"{v:.2f}")
+        pct = f" (+{100 * (reached / limit - 1):.0f}%)" if limit > 0 else ""
+        out.append(f"{name} {fmt(reached)} > {fmt(limit)}{pct}")
+    return out
+
+
+def explore(path, prefix, *, force=False, progress: Progress | None = None, **options) -> Result:
+    """Space, measure and the MILP's choice (estimated, not verified); reports only."""
+    prefix = Path(prefix)
+    paths = report.output_paths(Path(str(prefix) + ".onnx"))
+    model_mod.check_output_path(paths["json"], [Path(path)], force, paths["csv"], paths["md"], paths["png"])
+    ex = _explore(path, progress=progress or Progress(), **options)
+    limits = search.Limits.resolve(ex.constraints, ex.baseline)
+    worst = sum(max((c.error for c in ex.space.alive(n)), default=0.0) for n in ex.space.candidates)
+    choices = search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize) or {}
+    plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256)
+    data = _report(ex, path, "explored" if choices else "infeasible", choices, None, [], [], plan)
+    if choices:
+        e = search.estimate(choices, _dense(ex.space), ex.baseline, ex.itemsize)
+        data["estimate"] = {"latency_s": e.latency, "bytes": e.bytes, "flops": e.flops, "summed_layer_error": e.error}
+    files = _write_reports(paths, data)
+    return Result(data["status"] if choices else "infeasible", plan, data, files)
+
+
+def _write_reports(paths: dict, data: dict) -> list[Path]:
+    report.write_json(paths["json"], data)
+    report.write_csv(paths["csv"], data["candidates"])
+    from .model import atomic_write_bytes
+    atomic_write_bytes(paths["md"], report.markdown(data).encode())
+    report.pareto_png(paths["png"], data)
+    return [paths["json"], paths["csv"], paths["md"], paths["png"]]
+
+
+def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accuracy_drop=None,
+             objective="latency", metric=None, output=None, data=None, provider="cpu", threads=1,
+             factorization=None, calib_samples=128, sensitivity=False, time_budget=None, cache_dir=None,
+             no_cache=False, seed=0, layer_specs=None, exclude=None, input_shapes=None, top_k=0,
+             force=False, progress: Progress | None = None) -> Result:
+    """Find the plan that meets the constraints; with `out`, write the model, plan and reports.
+
+    Example: optimize("model.onnx", "small.onnx", latency="-30%", data="val.npz")
+    """
+    path = Path(path)
+    paths = report.output_paths(Path(out)) if out is not None else None
+    if paths is not None:
+        extra = [p for k, p in paths.items() if k != "model"]
+        extra += [p for k in range(1, top_k + 1) for p in report.alt_paths(Path(out), k)]
+        model_mod.check_output_path(paths["model"], [path], force, *extra)
+    ex = _explore(path, latency=latency, memory=memory, flops=flops, max_accuracy_drop=max_accuracy_drop,
+                  objective=objective, metric=metric, output=output, data=data, provider=provider,
+                  threads=threads, factorization=factorization, calib_samples=calib_samples,
+                  sensitivity=sensitivity, time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache,
+                  seed=seed, layer_specs=layer_specs, exclude=exclude, input_shapes=input_shapes,
+                  progress=progress or Progress())
+    limits = search.Limits.resolve(ex.constraints, ex.baseline)
+    with (progress or Progress()).task("verifying plans end to end", search.MAX_VERIFICATIONS) as advance:
+        found = search.choose(ex.space, ex.baseline, limits, ex.constraints.objective, ex.itemsize,
+                              lambda choices: _verify(ex, choices), on_step=lambda _: advance())
+    status = "ok" if found.feasible else "infeasible"
+    plan, new = _build(ex, found.choices)
+    misses = missed_line(found.misses)
+    data_out = _report(ex, path, status, found.choices, found.verified, misses, found.steps, plan)
+    result = Result(status, plan, data_out, [], misses)
+    if paths is None:
+        return result
+    external = ex.prep.loaded.external_data
+    if found.feasible:
+        result.files += model_mod.write_model(new, paths["model"], external)
+        report.write_json(paths["plan"], plan.to_json())
+        result.files.append(paths["plan"])
+        for k, alt in enumerate(_alternatives(ex, limits, found, top_k), start=1):
+            alt_model, alt_plan_path = report.alt_paths(paths["model"], k)
+            alt_plan, alt_new = _build(ex, alt)
+            result.files += model_mod.write_model(alt_new, alt_model, external)
+            report.write_json(alt_plan_path, alt_plan.to_json())
+            result.files.append(alt_plan_path)
+    else:
+        result.files += model_mod.write_model(new, paths["closest"], external)
+        report.write_json(paths["closest_plan"], plan.to_json())
+        result.files.append(paths["closest_plan"])
+    result.files += _write_reports(paths, data_out)
+    return result
+
+
+def _alternatives(ex: _Explored, limits, found, k: int) -> list[dict]:
+    """The next best distinct plans by the MILP (estimated within the limits), for --top-k."""
+    out: list[dict] = []
+    excluded = [found.choices]
+    worst = sum(max((c.error for c in ex.space.alive(n)), default=0.0) for n in ex.space.candidates)
+    budget = sum(c.error for c in found.choices.values())
+    for _ in range(k):
+        choices = search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, max(budget, 1e-12),
+                               ex.itemsize, exclude=excluded) or \
+            search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize, exclude=excluded)
+        if not choices:
+            break
+        out.append(choices)
+        excluded.append(choices)
+    return out
+
+
+def profile_model(path, provider="cpu", threads=1, input_shapes=None) -> dict:
+    provider = resolve_provider(provider)
+    loaded = model_mod.load(path, input_shapes)
+    session = create_session(loaded.proto if loaded.proto.ByteSize() < model_mod.PROTOBUF_LIMIT else path,
+                             provider, threads)
+    inputs = profile.random_inputs(session, loaded.input_shapes)
+    timing = profile.time_session(session, inputs, provider, profile.Budget(min_runs=10, max_runs=1000, max_seconds=2.0))
+    return {"model": str(path), "provider": provider, "threads": threads,
+            "input_shapes": {k: list(v) for k, v in loaded.input_shapes.items()},
+            "median_s": timing.median, "p90_s": timing.p90, "runs": timing.runs}

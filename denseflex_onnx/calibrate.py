@@ -1,0 +1,90 @@
+"""Calibration statistics: what each layer's inputs look like on real data.
+
+The original model runs once over the calibration samples, chunk by chunk, with
+every layer's input as an extra output; per layer only X^T X, the sum and the sum
+of |x| are kept (float64), never the activations themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from numpy.lib.stride_tricks import sliding_window_view
+
+from . import costs
+from .data import Dataset, feeds
+from .layers import Layer
+from .model import LoadedModel
+from .runtime import create_session
+
+
+@dataclass
+class LayerStats:
+    gram: np.ndarray        # X^T X over input vectors (im2col patches for Conv) [K, K]
+    total: np.ndarray       # sum of x [K]
+    total_abs: np.ndarray   # sum of |x| [K]
+    count: int              # vectors seen
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.total_abs / max(self.count, 1)
+
+
+def input_vectors(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """The layer's input as rows the weight matrix multiplies: [rows, K]."""
+    x = x.astype(np.float64, copy=False)
+    if layer.op == "Conv":
+        return im2col(x, layer.weight.shape[2:], layer.attrs["strides"], layer.attrs["pads"],
+                      layer.attrs["dilations"])
+    if layer.side == "left":
+        return np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
+    if layer.attrs.get("transA"):
+        return x.T
+    return x.reshape(-1, x.shape[-1])
+
+
+def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+    """Patches [N*out_pixels, C*prod(kernel)] in the order of weight.reshape(Cout, -1)."""
+    nd = len(kernel)
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+    windows = sliding_window_view(padded, spans, axis=tuple(range(2, 2 + nd)))
+    picks = (slice(None), slice(None), *(slice(None, None, s) for s in strides),
+             *(slice(None, None, d) for d in dilations))
+    windows = windows[picks]                                   # [N, C, *out, *kernel]
+    order = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    return windows.transpose(order).reshape(-1, x.shape[1] * costs.prod(kernel))
+
+
+def collect(model: LoadedModel, layers: list[Layer], data: Dataset, provider: str = "CPUExecutionProvider",
+            threads: int = 1, on_chunk=None) -> dict[str, LayerStats]:
+    """Runs the original model over `data` and accumulates each layer's input statistics."""
+    if not layers or data.samples == 0:
+        return {}
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(model.proto)
+    present = {o.name for o in tapped.graph.output}
+    wanted = sorted({layer.input for layer in layers})
+    for name in wanted:
+        if name not in present:
+            tapped.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = create_session(tapped, provider, threads)
+    stats: dict[str, LayerStats] = {}
+    for chunk in feeds(data, model):
+        values = dict(zip(wanted, session.run(wanted, chunk)))
+        for layer in layers:
+            rows = input_vectors(layer, values[layer.input])
+            k = rows.shape[1]
+            s = stats.setdefault(layer.name, LayerStats(np.zeros((k, k)), np.zeros(k), np.zeros(k), 0))
+            s.gram += rows.T @ rows
+            s.total += rows.sum(axis=0)
+            s.total_abs += np.abs(rows).sum(axis=0)
+            s.count += rows.shape[0]
+        if on_chunk:
+            on_chunk()
+    return stats

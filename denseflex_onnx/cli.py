@@ -1,0 +1,290 @@
+"""The `denseflex-onnx` command line (CLI.md is the contract)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__, api
+from .constraints import format_bytes, format_flops, format_seconds
+from .errors import UserError
+from .model import parse_input_shapes
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Low-rank factorization (SVD, Tensor-Train) of ONNX models, measured with onnxruntime.")
+err = Console(stderr=True)
+out = Console()
+log = logging.getLogger("denseflex_onnx")
+
+ShapeOpt = typer.Option(None, "--input-shape", help="NAME:1x128 or NAME:[1,128]; repeatable")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="print only errors")
+ForceOpt = typer.Option(False, "--force", help="overwrite existing output files")
+
+
+class RichProgress(api.Progress):
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def task(self, description, total):
+        if not self.enabled:
+            yield lambda n=1: None
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn()]
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+
+
+def _setup(quiet: bool) -> None:
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_time=False, show_path=False)], force=True)
+
+
+def _fail(message: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _user_errors():
+    try:
+        yield
+    except UserError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing was written")
+        raise typer.Exit(130)
+
+
+def _version(value: bool):
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                              help="print the version")):
+    """denseflex-onnx: make ONNX models smaller and faster by low-rank factorization, without retraining."""
+
+
+@app.command()
+def inspect(model: Path = typer.Argument(..., help="the .onnx file"),
+            input_shape: Optional[List[str]] = ShapeOpt,
+            json_out: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
+            quiet: bool = QuietOpt):
+    """List the layers a pass could factorize, with their cost, and what is skipped and why."""
+    _setup(quiet)
+    with _user_errors():
+        info = api.inspect(model, parse_input_shapes(input_shape))
+    if json_out:
+        print(json.dumps(info))
+        return
+    if quiet:
+        return
+    table = Table(title=f"{model} (opset {info['opset']}, IR {info['ir_version']}, inputs {info['inputs']})")
+    for col in ("layer", "op", "weight", "activation", "params", "MFLOPs", "% params", "% FLOPs"):
+        table.add_column(col, justify="right" if col not in ("layer", "op") else "left")
+    for l in info["layers"]:
+        table.add_row(l["name"], l["op"], "x".join(map(str, l["weight_shape"])),
+                      "x".join(map(str, l["activation_shape"])), f"{l['params']:,}", f"{l['flops'] / 1e6:.2f}",
+                      f"{100 * l['params_share']:.1f}", f"{100 * l['flops_share']:.1f}")
+    out.print(table)
+    t = info["totals"]
+    out.print(f"model totals: {t['params']:,} params, {t['flops'] / 1e6:.2f} MFLOPs; "
+              f"{len(info['layers'])} factorizable layer(s)")
+    if not info["layers"]:
+        out.print("nothing to factorize in this model")
+    for s in info["skipped"]:
+        out.print(f"  skipped {s['name']} ({s['op']}): {s['reason']}", highlight=False)
+
+
+@app.command()
+def apply(model: Path = typer.Argument(..., help="the .onnx file"),
+          output: Path = typer.Option(..., "-o", "--out", help="the rewritten model"),
+          plan: Optional[Path] = typer.Option(None, "--plan", help="a plan.json written by optimize"),
+          layer: Optional[List[str]] = typer.Option(None, "--layer", help="NAME=SPEC, e.g. fc1=svd:64; repeatable"),
+          all_spec: Optional[str] = typer.Option(None, "--all", help="one SPEC for every layer it fits, e.g. svd:0.25"),
+          data: Optional[Path] = typer.Option(None, "--data", help=".npz: accuracy before/after, data-aware plans"),
+          input_shape: Optional[List[str]] = ShapeOpt,
+          force: bool = ForceOpt, quiet: bool = QuietOpt):
+    """Rewrite layers by a plan or by method specs (svd:64, tt:0.25, conv_svd:0.5, conv_tt:16x32, dense)."""
+    _setup(quiet)
+    with _user_errors():
+        summary = api.apply(model, output, plan_path=plan, layer_specs=layer or None, all_spec=all_spec,
+                            data=data, force=force, input_shapes=parse_input_shapes(input_shape))
+    if quiet:
+        return
+    table = Table(title=f"{output}")
+    for col in ("layer", "spec", "params", "FLOPs"):
+        table.add_column(col)
+    for row in summary["rewritten"]:
+        table.add_row(row["layer"], row["spec"], f"{row['params'][0]:,} -> {row['params'][1]:,}",
+                      f"{format_flops(row['flops'][0])} -> {format_flops(row['flops'][1])}")
+    out.print(table)
+    for note in summary["notes"]:
+        out.print(f"  {note}", highlight=False)
+    b, f = summary["model_bytes"], summary["model_flops"]
+    out.print(f"weights {format_bytes(b[0])} -> {format_bytes(b[1])}; FLOPs {format_flops(f[0])} -> {format_flops(f[1])}")
+    if "metric" in summary:
+        m = summary["metric"]
+        out.print(f"{m['kind']} on held-out data: {m['original']:.2f} -> {m['rewritten']:.2f}")
+    out.print(f"wrote {', '.join(summary['files'])}")
+
+
+def _search_options(f):
+    return f
+
+
+@app.command()
+def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
+             output: Path = typer.Option(..., "-o", "--out", help="the optimized model (out.onnx)"),
+             latency: Optional[str] = typer.Option(None, help="5ms | 500us | 0.2s | -30% | 0.7x"),
+             memory: Optional[str] = typer.Option(None, help="10MB | 12MiB | -50% | 0.5x (weight bytes)"),
+             flops: Optional[str] = typer.Option(None, help="1.5G | 300M | -40% | 0.6x"),
+             max_accuracy_drop: str = typer.Option("1", help="points of the metric, 0..100"),
+             objective: str = typer.Option("latency", help="latency|memory|flops|accuracy"),
+             metric: Optional[str] = typer.Option(None, help="accuracy|agreement|cosine"),
+             output_name: Optional[str] = typer.Option(None, "--output", help="the model output the metric reads"),
+             data: Optional[Path] = typer.Option(None, "--data", help=".npz: arrays named after the inputs (+ labels)"),
+             provider: str = typer.Option("cpu", help="cpu|cuda|tensorrt|<full EP name>"),
+             threads: int = typer.Option(1, help="intra-op threads for timing"),
+             factorization: Optional[str] = typer.Option(None, help="plain|scaled|whitened (default whitened with --data)"),
+             calib_samples: int = typer.Option(128, help="samples that calibrate; the rest evaluate"),
+             sensitivity: bool = typer.Option(False, help="calibrate layer errors by one-layer end-to-end drops"),
+             time_budget: Optional[str] = typer.Option(None, help="stop timing new candidates after this, e.g. 10m"),
+             cache_dir: Optional[Path] = typer.Option(None, help="profile cache folder"),
+             no_cache: bool = typer.Option(False, "--no-cache", help="time everything afresh, store nothing"),
+             seed: int = typer.Option(0, help="seed for random inputs"),
+             layer: Optional[List[str]] = typer.Option(None, "--layer", help="NAME=SPEC forces a layer's choice"),
+             exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="keep this layer dense"),
+             input_shape: Optional[List[str]] = ShapeOpt,
+             top_k: int = typer.Option(0, "--top-k", help="also write the next N plans"),
+             force: bool = ForceOpt,
+             json_out: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
+             quiet: bool = QuietOpt):
+    """Find and write the factorized model that meets the constraints."""
+    _setup(quiet)
+    with _user_errors():
+        result = api.optimize(model, output, latency=latency, memory=memory, flops=flops,
+                              max_accuracy_drop=max_accuracy_drop, objective=objective, metric=metric,
+                              output=output_name, data=data, provider=provider, threads=threads,
+                              factorization=factorization, calib_samples=calib_samples, sensitivity=sensitivity,
+                              time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache, seed=seed,
+                              layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape),
+                              top_k=top_k, force=force, progress=RichProgress(not quiet and not json_out))
+    if json_out:
+        summary = {k: result.report[k] for k in ("status", "baseline", "result", "stages", "plan", "misses")
+                   if k in result.report}
+        summary["files"] = [str(f) for f in result.files]
+        print(json.dumps(summary, default=str))
+    elif not quiet:
+        _print_result(result)
+    if not result.feasible:
+        _fail("constraints not met; wrote the closest plan to "
+              f"{[str(f) for f in result.files if str(f).endswith('.closest.onnx')][0]}: " + "; ".join(result.misses))
+
+
+def _print_result(result: api.Result) -> None:
+    r = result.report
+    b, c = r["baseline"], r.get("result")
+    table = Table(title=f"{r['model']} on {r['provider']} ({r['threads']} thread(s)), {r['metric']}")
+    for col in ("", "latency", "params", "weights", "FLOPs", r["metric"]):
+        table.add_column(col, justify="right")
+    table.add_row("original", format_seconds(b["latency_s"]), f"{b['params']:,}", format_bytes(b["bytes"]),
+                  format_flops(b["flops"]), f"{b['metric']:.2f}")
+    if c:
+        table.add_row("chosen", f"{format_seconds(c['latency_s'])} ({c['speedup']:.2f}x)", f"{c['params']:,}",
+                      format_bytes(c["bytes"]), format_flops(c["flops"]), f"{c['metric']:.2f}")
+    out.print(table)
+    chosen = [row for row in r["candidates"] if row["chosen"]]
+    layers = Table(title="per-layer choices")
+    for col in ("layer", "choice", "params", "layer error"):
+        layers.add_column(col)
+    for row in chosen:
+        layers.add_row(row["layer"], row["spec"], f"{row['params']:,}", "" if row["error"] is None else f"{row['error']:.4f}")
+    out.print(layers)
+    s = r["stages"]
+    out.print(f"design space: {s['grid']} candidates -> {s['after_saves_nothing']} (save something) -> "
+              f"{s['after_dominated']} (not dominated) -> {s.get('after_timing', '-')} (after timing); "
+              f"{s['timed']} timed, {s['cached']} cached, {100 * s['never_timed_share']:.0f}% of the grid never timed")
+    out.print("wrote " + ", ".join(str(f) for f in result.files), highlight=False)
+
+
+@app.command()
+def explore(model: Path = typer.Argument(..., help="the .onnx file"),
+            prefix: Path = typer.Option(..., "-o", "--out", help="prefix of the report files"),
+            latency: Optional[str] = typer.Option(None), memory: Optional[str] = typer.Option(None),
+            flops: Optional[str] = typer.Option(None), max_accuracy_drop: str = typer.Option("1"),
+            objective: str = typer.Option("latency"), metric: Optional[str] = typer.Option(None),
+            output_name: Optional[str] = typer.Option(None, "--output"),
+            data: Optional[Path] = typer.Option(None, "--data"), provider: str = typer.Option("cpu"),
+            threads: int = typer.Option(1), factorization: Optional[str] = typer.Option(None),
+            calib_samples: int = typer.Option(128), sensitivity: bool = typer.Option(False),
+            time_budget: Optional[str] = typer.Option(None), cache_dir: Optional[Path] = typer.Option(None),
+            no_cache: bool = typer.Option(False, "--no-cache"), seed: int = typer.Option(0),
+            layer: Optional[List[str]] = typer.Option(None, "--layer"),
+            exclude: Optional[List[str]] = typer.Option(None, "--exclude"),
+            input_shape: Optional[List[str]] = ShapeOpt, force: bool = ForceOpt, quiet: bool = QuietOpt):
+    """Explore the design space and write reports (PREFIX.report.json/.csv/.md, PREFIX.pareto.png); no model."""
+    _setup(quiet)
+    with _user_errors():
+        result = api.explore(model, prefix, force=force, progress=RichProgress(not quiet), latency=latency,
+                             memory=memory, flops=flops, max_accuracy_drop=max_accuracy_drop, objective=objective,
+                             metric=metric, output=output_name, data=data, provider=provider, threads=threads,
+                             factorization=factorization, calib_samples=calib_samples, sensitivity=sensitivity,
+                             time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache, seed=seed,
+                             layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape))
+    if not quiet:
+        s = result.report["stages"]
+        out.print(f"design space: {s['grid']} -> {s['after_saves_nothing']} -> {s['after_dominated']} -> "
+                  f"{s.get('after_timing')}; {100 * s['never_timed_share']:.0f}% never timed")
+        if "estimate" in result.report:
+            e, b = result.report["estimate"], result.report["baseline"]
+            out.print(f"estimated plan: latency {format_seconds(e['latency_s'])} (original {format_seconds(b['latency_s'])}), "
+                      f"weights {format_bytes(e['bytes'])}, FLOPs {format_flops(e['flops'])} (not verified)")
+        out.print("wrote " + ", ".join(str(f) for f in result.files), highlight=False)
+    if result.status == "infeasible":
+        _fail("no plan meets the constraints by the layer estimates")
+
+
+@app.command()
+def profile(model: Path = typer.Argument(..., help="the .onnx file"),
+            provider: str = typer.Option("cpu", help="cpu|cuda|tensorrt|<full EP name>"),
+            threads: int = typer.Option(1), input_shape: Optional[List[str]] = ShapeOpt,
+            json_out: bool = typer.Option(False, "--json"), quiet: bool = QuietOpt):
+    """Median and p90 latency of a model at the given input shapes."""
+    _setup(quiet)
+    with _user_errors():
+        timing = api.profile_model(model, provider=provider, threads=threads,
+                                   input_shapes=parse_input_shapes(input_shape))
+    if json_out:
+        print(json.dumps(timing))
+    elif not quiet:
+        out.print(f"{model}: median {format_seconds(timing['median_s'])}, p90 {format_seconds(timing['p90_s'])} "
+                  f"({timing['runs']} runs on {timing['provider']}, {timing['threads']} thread(s), inputs "
+                  f"{timing['input_shapes']})")
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception:          # a bug: show the traceback, exit 1
+        raise
+
+
+if __name__ == "__main__":
+    main()

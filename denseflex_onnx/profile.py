@@ -1,0 +1,214 @@
+"""Stage 4, measure: time candidates as one-layer models, and whole models, with onnxruntime.
+
+Timings are cached on disk (one small JSON file per measurement, written atomically,
+so runs can share a cache folder) under a key of everything that changes a timing:
+the layer's signature, the config, provider, threads, onnxruntime version and CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .data import Dataset, feeds
+from .model import LoadedModel, atomic_write_bytes
+from .runtime import create_session, device_of, input_dtypes
+
+WARMUP_RUNS = 3
+
+
+@dataclass(frozen=True)
+class Timing:
+    median: float      # seconds
+    p90: float
+    runs: int
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long one measurement may take: at least min_runs, then until max_runs or max_seconds."""
+    min_runs: int = 5
+    max_runs: int = 200
+    max_seconds: float = 0.5
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "denseflex-onnx" / "profiles"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Cache:
+    """Timings on disk; `None` folder = no cache."""
+
+    def __init__(self, folder: Path | None, provider: str, threads: int):
+        self.folder = folder
+        self.context = {"provider": provider, "threads": threads, "onnxruntime": ort.__version__,
+                        "cpu": cpu_model()}
+
+    def key(self, what: dict) -> str:
+        text = json.dumps({**self.context, **what}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, what: dict) -> Timing | None:
+        if self.folder is None:
+            return None
+        path = self.folder / f"{self.key(what)}.json"
+        try:
+            data = json.loads(path.read_text())
+            return Timing(data["median"], data["p90"], data["runs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None          # missing or damaged: measure again
+
+    def put(self, what: dict, timing: Timing) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        data = {"median": timing.median, "p90": timing.p90, "runs": timing.runs, "what": what, **self.context}
+        atomic_write_bytes(self.folder / f"{self.key(what)}.json", json.dumps(data, default=str).encode())
+
+
+def time_session(session: ort.InferenceSession, inputs: dict[str, np.ndarray], provider: str,
+                 budget: Budget = Budget()) -> Timing:
+    """Warm-up, then repeats bounded by count and time; inputs and outputs bound on the device."""
+    device = device_of(provider)
+    binding = session.io_binding()
+    for name, array in inputs.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, device, 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, device)
+    for _ in range(WARMUP_RUNS):
+        session.run_with_iobinding(binding)
+    times = []
+    start = time.perf_counter()
+    while len(times) < budget.max_runs and (len(times) < budget.min_runs
+                                            or time.perf_counter() - start < budget.max_seconds):
+        t0 = time.perf_counter()
+        session.run_with_iobinding(binding)
+        times.append(time.perf_counter() - t0)
+    return Timing(float(np.median(times)), float(np.percentile(times, 90)), len(times))
+
+
+def random_inputs(session: ort.InferenceSession, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, dtype in input_dtypes(session).items():
+        if np.issubdtype(dtype, np.floating):
+            out[name] = rng.standard_normal(shapes[name]).astype(dtype)
+        else:
+            out[name] = np.zeros(shapes[name], dtype=dtype)
+    return out
+
+
+def time_model(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, np.ndarray], provider: str,
+               threads: int, budget: Budget = Budget(), engine_cache: Path | None = None) -> Timing:
+    session = create_session(model, provider, threads, engine_cache)
+    return time_session(session, inputs, provider, budget)
+
+
+def profiling_inputs(model: LoadedModel, data: Dataset | None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs at the --input-shape shapes: the first samples of the data, or random ones."""
+    shapes = model.input_shapes
+    if data is not None and data.samples:
+        chunk = next(feeds(data, model))
+        out = {}
+        for name, array in chunk.items():
+            want = shapes[name]
+            if tuple(array.shape) == tuple(want):
+                out[name] = array
+            elif array.ndim == len(want) and all(a >= w for a, w in zip(array.shape, want)):
+                out[name] = np.ascontiguousarray(array[tuple(slice(0, w) for w in want)])
+            else:        # the data is smaller than the profiling batch: repeat its samples
+                reps = [int(np.ceil(w / a)) for a, w in zip(array.shape, want)]
+                out[name] = np.ascontiguousarray(np.tile(array, reps)[tuple(slice(0, w) for w in want)])
+        return out
+    session = create_session(model.proto)
+    return random_inputs(session, shapes, seed)
+
+
+@dataclass
+class MeasureStats:
+    timed: int = 0          # measured in this run
+    cached: int = 0         # read from the cache
+    failed: int = 0
+    skipped_budget: int = 0
+
+
+def measure_space(space, layers: dict, factors, cache: Cache, provider: str, threads: int,
+                  budget: Budget = Budget(), deadline: float | None = None, opset: int = 17,
+                  engine_cache: Path | None = None, on_candidate=None, warn=None) -> MeasureStats:
+    """Times every surviving candidate; layers alike (same signature) are timed once.
+
+    After `deadline` (time.monotonic()) nothing new is timed: those candidates are dropped
+    as not timed, cached ones still count. A candidate whose timing fails is reported
+    through `warn` and dropped; the search goes on without it.
+    """
+    from .rewrite import one_layer_model
+    from .space import DOMINATED_TIMED, NOT_TIMED, TIMING_FAILED, dominated
+
+    stats = MeasureStats()
+    measured: dict[tuple, Timing | None] = {}
+    # dense first: every layer needs its baseline even when time runs out
+    order = sorted(space.all(), key=lambda c: (not c.is_dense,))
+    for cand in order:
+        if cand.dropped is not None:
+            continue
+        layer = layers[cand.layer]
+        what = {"signature": repr(layer.signature()), "spec": cand.spec, "opset": opset}
+        key = (what["signature"], cand.spec)
+        if key not in measured:
+            timing = cache.get(what)
+            if timing is not None:
+                stats.cached += 1
+            elif deadline is not None and time.monotonic() > deadline and not cand.is_dense:
+                stats.skipped_budget += 1
+                measured[key] = None
+                cand.dropped = NOT_TIMED
+                continue
+            else:
+                try:
+                    chosen = None if cand.is_dense else factors.factors(layer, cand.choice)
+                    model = one_layer_model(layer, cand.choice, chosen, opset)
+                    session = create_session(model, provider, threads, engine_cache)
+                    timing = time_session(session, random_inputs(session, {"x": layer.activation_shape}),
+                                          provider, budget)
+                    cache.put(what, timing)
+                    stats.timed += 1
+                except Exception as exc:    # one candidate's failure must not end the search
+                    stats.failed += 1
+                    measured[key] = None
+                    cand.dropped = TIMING_FAILED
+                    if warn:
+                        warn(f"timing {cand.layer} {cand.spec} failed: {str(exc).splitlines()[0][:200]}")
+                    continue
+            measured[key] = timing
+        timing = measured[key]
+        if timing is None:
+            cand.dropped = NOT_TIMED if deadline is not None and time.monotonic() > deadline else TIMING_FAILED
+            continue
+        cand.latency, cand.p90 = timing.median, timing.p90
+        if on_candidate:
+            on_candidate(cand)
+    for name in space.candidates:
+        for cand in dominated(space.alive(name), ("latency", "params", "flops", "error")):
+            cand.dropped = DOMINATED_TIMED
+    space.stage_counts["after_timing"] = sum(len(space.alive(n)) for n in space.candidates)
+    return stats

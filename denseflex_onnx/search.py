@@ -1,0 +1,270 @@
+"""Stage 5, choose: one candidate per layer under the constraints, exactly, then verified.
+
+The choice is a multiple-choice knapsack solved as a MILP (scipy.optimize.milp, HiGHS):
+one candidate (or dense) per layer, minimizing the objective subject to the latency,
+memory and FLOPs limits and a budget on the summed layer error. Layer sums estimate the
+model; the whole rewritten model is then built and measured. If it misses the accuracy
+limit the error budget is bisected; if it misses the latency limit, the latency budget
+is tightened by the measured miss; at most `max_verifications` end-to-end checks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from .constraints import Constraints
+from .space import Candidate, Space
+
+MAX_VERIFICATIONS = 6
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The original model, measured first: what relative limits and layer deltas start from."""
+    latency: float        # median seconds, end to end
+    bytes: int            # weight bytes
+    flops: int
+    metric: float         # 0..100 on the evaluation samples
+
+
+@dataclass
+class Limits:
+    """Absolute upper bounds (None: unconstrained)."""
+    latency: float | None
+    bytes: float | None
+    flops: float | None
+    accuracy_drop: float
+
+    @classmethod
+    def resolve(cls, constraints: Constraints, baseline: Baseline) -> "Limits":
+        def res(limit, base):
+            return None if limit is None else limit.resolve(base)
+        return cls(res(constraints.latency, baseline.latency), res(constraints.memory, baseline.bytes),
+                   res(constraints.flops, baseline.flops), constraints.max_accuracy_drop)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    latency: float
+    bytes: float
+    flops: float
+    error: float
+
+
+@dataclass
+class Verified:
+    """What the whole rewritten model measured."""
+    latency: float           # median seconds
+    baseline_latency: float  # the original, timed interleaved with it
+    metric: float
+    bytes: int
+    flops: int
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_latency / self.latency if self.latency > 0 else math.inf
+
+
+@dataclass
+class Step:
+    error_budget: float
+    latency_budget: float | None
+    choices: dict[str, Candidate] | None
+    estimate: Estimate | None
+    verified: Verified | None = None
+    misses: dict[str, tuple[float, float]] = field(default_factory=dict)   # name -> (reached, limit)
+
+
+@dataclass
+class SearchResult:
+    feasible: bool
+    choices: dict[str, Candidate]
+    verified: Verified | None
+    misses: dict[str, tuple[float, float]]
+    steps: list[Step]
+
+
+def layer_bytes(layer, cand: Candidate) -> int:
+    return cand.params * layer.dtype.itemsize
+
+
+def estimate(choices: dict[str, Candidate], dense: dict[str, Candidate], baseline: Baseline,
+             itemsize: dict[str, int]) -> Estimate:
+    """The model's figures predicted from layer deltas against dense."""
+    lat = baseline.latency + sum(c.latency - dense[n].latency for n, c in choices.items())
+    mem = baseline.bytes + sum((c.params - dense[n].params) * itemsize[n] for n, c in choices.items())
+    flops = baseline.flops + sum(c.flops - dense[n].flops for n, c in choices.items())
+    return Estimate(lat, mem, flops, sum(c.error for c in choices.values()))
+
+
+def solve(space: Space, baseline: Baseline, limits: Limits, objective: str, error_budget: float,
+          itemsize: dict[str, int], latency_budget: float | None = None,
+          exclude: list[dict[str, Candidate]] = ()) -> dict[str, Candidate] | None:
+    """The exact optimum of the multiple-choice knapsack; None if nothing fits.
+
+    Ties are broken by fewer params (a tiny secondary term), so the plan is deterministic.
+    `exclude` lists plans not to return again (for the next-best alternatives).
+    """
+    names = sorted(space.candidates)
+    cands = [(n, c) for n in names for c in space.alive(n)]
+    if not cands:
+        return {}
+    dense = {n: next(c for c in space.candidates[n] if c.is_dense) for n in names}
+    lat = np.array([c.latency - dense[n].latency for n, c in cands])
+    mem = np.array([(c.params - dense[n].params) * itemsize[n] for n, c in cands], dtype=float)
+    flops = np.array([c.flops - dense[n].flops for n, c in cands], dtype=float)
+    err = np.array([c.error for _, c in cands])
+    params = np.array([c.params for _, c in cands], dtype=float)
+
+    primary = {"latency": lat, "memory": mem, "flops": flops, "accuracy": err}[objective]
+    scale = max(float(np.abs(primary).max()), 1e-30)
+    tie = params / max(float(params.sum()), 1.0)
+    c = primary / scale + 1e-6 * tie
+
+    rows, lower, upper = [], [], []
+    for i, n in enumerate(names):
+        rows.append(np.array([1.0 if m == n else 0.0 for m, _ in cands]))
+        lower.append(1.0)
+        upper.append(1.0)
+    lat_limit = latency_budget if latency_budget is not None else limits.latency
+    for vector, limit, base in ((lat, lat_limit, baseline.latency), (mem, limits.bytes, baseline.bytes),
+                                (flops, limits.flops, baseline.flops)):
+        if limit is not None:
+            rows.append(vector)
+            lower.append(-np.inf)
+            upper.append(limit - base)
+    rows.append(err)
+    lower.append(-np.inf)
+    upper.append(error_budget)
+    for plan in exclude:        # a no-good cut: not all of this plan's picks at once
+        rows.append(np.array([1.0 if plan.get(n) is c else 0.0 for n, c in cands]))
+        lower.append(-np.inf)
+        upper.append(len(plan) - 1)
+    result = milp(c, integrality=np.ones(len(cands)), bounds=Bounds(0, 1),
+                  constraints=LinearConstraint(np.vstack(rows), lower, upper))
+    if result.status != 0 or result.x is None:
+        return None
+    picked = np.round(result.x).astype(bool)
+    return {n: cand for (n, cand), p in zip(cands, picked) if p}
+
+
+def closest(space: Space, baseline: Baseline, limits: Limits, itemsize: dict[str, int],
+            error_budget: float) -> dict[str, Candidate]:
+    """When no plan meets the limits: the one that misses them least (relative sum of overshoots
+    approximated by the summed normalized resources), within the error budget."""
+    names = sorted(space.candidates)
+    dense = {n: next(c for c in space.candidates[n] if c.is_dense) for n in names}
+    best, best_score = None, math.inf
+    for objective, limit in (("latency", limits.latency), ("memory", limits.bytes), ("flops", limits.flops)):
+        if limit is None:
+            continue
+        choices = solve(space, baseline, Limits(None, None, None, limits.accuracy_drop), objective,
+                        error_budget, itemsize)
+        if choices is None:
+            continue
+        e = estimate(choices, dense, baseline, itemsize)
+        score = sum(max(0.0, v / l - 1) for v, l in ((e.latency, limits.latency), (e.bytes, limits.bytes),
+                                                     (e.flops, limits.flops)) if l is not None)
+        if score < best_score:
+            best, best_score = choices, score
+    return best if best is not None else dict(dense)
+
+
+def misses(verified: Verified, baseline: Baseline, limits: Limits) -> dict[str, tuple[float, float]]:
+    """Each limit the measured model exceeds: name -> (reached, limit)."""
+    out = {}
+    if limits.latency is not None:
+        # judged on the interleaved A/B ratio, applied to the baseline measured first
+        latency = baseline.latency * verified.latency / verified.baseline_latency
+        if latency > limits.latency:
+            out["latency"] = (latency, limits.latency)
+    if limits.bytes is not None and verified.bytes > limits.bytes:
+        out["memory"] = (verified.bytes, limits.bytes)
+    if limits.flops is not None and verified.flops > limits.flops:
+        out["flops"] = (verified.flops, limits.flops)
+    drop = baseline.metric - verified.metric
+    if drop > limits.accuracy_drop + 1e-9:
+        out["accuracy drop"] = (drop, limits.accuracy_drop)
+    return out
+
+
+def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, itemsize: dict[str, int],
+           verify: Callable[[dict[str, Candidate]], Verified],
+           max_verifications: int = MAX_VERIFICATIONS, on_step=None) -> SearchResult:
+    names = sorted(space.candidates)
+    dense = {n: next(c for c in space.candidates[n] if c.is_dense) for n in names}
+    worst = sum(max((c.error for c in space.alive(n)), default=0.0) for n in names)
+    hi, lo = worst, 0.0
+    budget = hi
+    latency_budget = limits.latency
+    steps: list[Step] = []
+    best: Step | None = None
+    seen: dict[tuple, Step] = {}
+    for _ in range(max_verifications):
+        choices = solve(space, baseline, limits, objective, budget, itemsize, latency_budget)
+        if choices is None:
+            if budget >= worst:
+                break                     # the limits cannot be met by any plan
+            lo = budget                   # too tight an error budget: loosen it
+            budget = _between(lo, hi)
+            continue
+        key = tuple(sorted((n, c.spec) for n, c in choices.items()))
+        step = Step(budget, latency_budget, choices, estimate(choices, dense, baseline, itemsize))
+        if key in seen:
+            step.verified, step.misses = seen[key].verified, seen[key].misses
+        else:
+            step.verified = verify(choices)
+            step.misses = misses(step.verified, baseline, limits)
+            seen[key] = step
+            steps.append(step)
+            if on_step:
+                on_step(step)
+        if not step.misses:
+            if best is None or _objective(step, objective) < _objective(best, objective):
+                best = step
+            if budget >= hi or hi - lo < 1e-4 * max(worst, 1e-12):
+                break
+            lo = budget
+            budget = _between(lo, hi)
+        elif "accuracy drop" in step.misses:
+            hi = budget
+            budget = _between(lo, hi)
+        elif "latency" in step.misses:
+            reached, limit = step.misses["latency"]
+            current = latency_budget if latency_budget is not None else limit
+            latency_budget = current - (reached - limit) * 1.1
+        else:
+            break                          # memory/FLOPs are exact: nothing to tighten
+    if best is not None:
+        return SearchResult(True, best.choices, best.verified, {}, steps)
+    # nothing met every limit: the verified plan that missed least, or the closest plan
+    if steps:
+        nearest = min(steps, key=lambda s: _miss_score(s.misses))
+    else:
+        choices = closest(space, baseline, limits, itemsize, worst)
+        nearest = Step(worst, None, choices, estimate(choices, dense, baseline, itemsize))
+        nearest.verified = verify(choices)
+        nearest.misses = misses(nearest.verified, baseline, limits) or {"constraints": (1.0, 0.0)}
+        steps.append(nearest)
+    return SearchResult(False, nearest.choices, nearest.verified, nearest.misses, steps)
+
+
+def _between(lo: float, hi: float) -> float:
+    """Bisection point, geometric once both ends are positive (layer errors span decades)."""
+    if lo <= 0:
+        return hi / 4
+    return math.sqrt(lo * hi)
+
+
+def _objective(step: Step, objective: str) -> float:
+    v = step.verified
+    return {"latency": v.latency / v.baseline_latency, "memory": v.bytes, "flops": v.flops,
+            "accuracy": -v.metric}[objective]
+
+
+def _miss_score(m: dict[str, tuple[float, float]]) -> float:
+    return sum(reached / limit - 1 if limit > 0 else reached for reached, limit in m.values())

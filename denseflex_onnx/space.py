@@ -1,0 +1,208 @@
+"""Stage 3, space: every pass's candidates per layer, their analytic cost and layer error,
+and the pruning that decides what is worth timing.
+
+Pruning, counted stage by stage as in Denseflex:
+  (1) drop candidates that reduce neither the weights nor the FLOPs of the dense layer;
+  (2) drop candidates Pareto-dominated on (params, FLOPs, layer error), before any timing;
+  (3) after timing (profile.py), drop those dominated on (latency, params, FLOPs, error).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .layers import Layer
+from .passes import PASSES
+from .plan import DENSE, Choice
+
+log = logging.getLogger("denseflex_onnx")
+
+SAVES_NOTHING = "saves nothing"
+DOMINATED = "dominated"
+DOMINATED_TIMED = "dominated after timing"
+NOT_TIMED = "not timed (time budget)"
+TIMING_FAILED = "timing failed"
+
+
+@dataclass
+class Candidate:
+    layer: str
+    choice: Choice
+    params: int
+    flops: int
+    error: float = math.nan           # relative output error on calibration activations
+    latency: float | None = None      # median seconds of the one-layer model
+    p90: float | None = None
+    dropped: str | None = None        # the pruning stage that removed it, if any
+
+    @property
+    def spec(self) -> str:
+        return self.choice.spec
+
+    @property
+    def is_dense(self) -> bool:
+        return self.choice.method == "dense"
+
+
+@dataclass
+class Space:
+    candidates: dict[str, list[Candidate]]        # by layer; the dense candidate first
+    stage_counts: dict[str, int] = field(default_factory=dict)
+
+    def alive(self, layer: str) -> list[Candidate]:
+        return [c for c in self.candidates[layer] if c.dropped is None]
+
+    def all(self) -> list[Candidate]:
+        return [c for cands in self.candidates.values() for c in cands]
+
+
+def grid(layer: Layer, methods: list[str] | None = None) -> list[Candidate]:
+    """The layer's full design space: dense plus every applicable pass's configs."""
+    cands = [Candidate(layer.name, DENSE, layer.params, layer.flops, error=0.0)]
+    for name, module in PASSES.items():
+        if methods is not None and name not in methods:
+            continue
+        if module.applies(layer) is not None:
+            continue
+        for config in module.candidates(layer):
+            params, flops = module.cost(layer, config)
+            cands.append(Candidate(layer.name, Choice(name, config), params, flops))
+    return cands
+
+
+class Factors:
+    """Factors and layer errors for one run, computing each decomposition once.
+
+    Decompositions are kept per (layer, method) for the life of this object, never
+    in globals; `stats` are the calibration statistics, `mode` plain|scaled|whitened.
+    """
+
+    def __init__(self, layers: dict[str, Layer], stats: dict | None = None, mode: str = "plain"):
+        self.layers = layers
+        self.stats = stats or {}
+        self.mode = mode
+        self._decompositions: dict[tuple[str, str], object] = {}
+        self._sketches: dict[str, tuple[np.ndarray, float]] = {}
+
+    def decomposition(self, layer: Layer, method: str, max_rank: int | None = None):
+        key = (layer.name, method)
+        if key not in self._decompositions:
+            self._decompositions[key] = PASSES[method].decompose(
+                layer, self.stats.get(layer.name), max_rank, self.mode)
+        return self._decompositions[key]
+
+    def factors(self, layer: Layer, choice: Choice, max_rank: int | None = None) -> list[np.ndarray]:
+        module = PASSES[choice.method]
+        return module.factorize(layer, choice.config, self.stats.get(layer.name),
+                                self.decomposition(layer, choice.method, max_rank), self.mode)
+
+    def error(self, layer: Layer, choice: Choice, max_rank: int | None = None) -> float:
+        """Relative output error ||X W - X W'|| / ||X W|| on the calibration activations."""
+        if choice.method == "dense":
+            return 0.0
+        d = self.decomposition(layer, choice.method, max_rank)
+        if hasattr(d, "relative_error"):              # SVD family: a cumulative sum, exact
+            return d.relative_error(choice.config["rank"])
+        approx = PASSES[choice.method].reconstruct(layer, self.factors(layer, choice))
+        sketch, reference = self._sketch(layer)
+        diff = _as_matrix(layer, layer.weight.astype(np.float64) - approx)
+        return float(np.linalg.norm(sketch @ diff) / reference) if reference > 0 else 0.0
+
+    def _sketch(self, layer: Layer) -> tuple[np.ndarray, float]:
+        """X~ with X~^T X~ = X^T X (so ||X~ D|| = ||X D||), and ||X W||."""
+        if layer.name not in self._sketches:
+            stats = self.stats.get(layer.name)
+            k = _as_matrix(layer, layer.weight).shape[0]
+            if stats is None:
+                sketch = np.eye(k)
+            else:
+                values, vectors = np.linalg.eigh(stats.gram)
+                sketch = np.sqrt(np.maximum(values, 0))[:, None] * vectors.T
+            reference = float(np.linalg.norm(sketch @ _as_matrix(layer, layer.weight.astype(np.float64))))
+            self._sketches[layer.name] = (sketch, reference)
+        return self._sketches[layer.name]
+
+
+def _as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
+    """The weight as x @ M for the layer's input vectors."""
+    if layer.op == "Conv":
+        return w.reshape(w.shape[0], -1).T
+    return w.T if layer.side == "left" else w
+
+
+def build(layers: list[Layer], factors: Factors, methods: list[str] | None = None,
+          forced: dict[str, Choice] | None = None, on_layer=None) -> Space:
+    """Grid, stage 1, layer errors, stage 2. Forced layers (`--layer`, `--exclude`) get one candidate."""
+    forced = forced or {}
+    space = Space({})
+    full = after1 = after2 = 0
+    for layer in layers:
+        if layer.name in forced:
+            choice = forced[layer.name]
+            cand = Candidate(layer.name, choice, *_cost(layer, choice))
+            cand.error = factors.error(layer, choice)
+            space.candidates[layer.name] = [cand]
+            full, after1, after2 = full + 1, after1 + 1, after2 + 1
+            if on_layer:
+                on_layer(layer)
+            continue
+        cands = grid(layer, methods)
+        full += len(cands)
+        for c in cands[1:]:
+            if c.params >= layer.params and c.flops >= layer.flops:
+                c.dropped = SAVES_NOTHING
+        alive = [c for c in cands if c.dropped is None]
+        after1 += len(alive)
+        max_ranks = _max_ranks(alive)
+        for c in alive:
+            if not c.is_dense:
+                c.error = factors.error(layer, c.choice, max_ranks.get(c.choice.method))
+        for c in dominated(alive, ("params", "flops", "error")):
+            c.dropped = DOMINATED
+        after2 += sum(c.dropped is None for c in cands)
+        space.candidates[layer.name] = cands
+        if on_layer:
+            on_layer(layer)
+    space.stage_counts = {"grid": full, "after_saves_nothing": after1, "after_dominated": after2}
+    return space
+
+
+def _cost(layer: Layer, choice: Choice) -> tuple[int, int]:
+    if choice.method == "dense":
+        return layer.params, layer.flops
+    return PASSES[choice.method].cost(layer, choice.config)
+
+
+def _max_ranks(cands: list[Candidate]) -> dict[str, int]:
+    """The highest rank each SVD-family method needs: a partial decomposition suffices."""
+    out: dict[str, int] = {}
+    for c in cands:
+        if "rank" in c.choice.config:
+            out[c.choice.method] = max(out.get(c.choice.method, 0), c.choice.config["rank"])
+    return out
+
+
+def dominated(cands: list[Candidate], keys: tuple[str, ...]) -> list[Candidate]:
+    """Candidates some other candidate beats or ties on every key and beats on one.
+
+    The dense candidate is never dropped: "keep it dense" stays a choice.
+    """
+    values = [tuple(_key(c, k) for k in keys) for c in cands]
+    out = []
+    for i, c in enumerate(cands):
+        if c.is_dense:
+            continue
+        vi = values[i]
+        for j, vj in enumerate(values):
+            if j != i and all(b <= a for a, b in zip(vi, vj)) and (vj != vi or j < i):
+                out.append(c)
+                break
+    return out
+
+
+def _key(c: Candidate, key: str) -> float:
+    value = getattr(c, key)
+    return math.inf if value is None or (isinstance(value, float) and math.isnan(value)) else value
