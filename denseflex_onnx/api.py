@@ -137,8 +137,10 @@ def apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=No
           input_shapes=None, calib_samples: int = 128, seed: int = 0) -> dict:
     """Rewrite the model by a plan, per-layer specs or one spec for all; writes `out` atomically."""
     path, out = Path(path), Path(out)
-    if sum(x is not None and x != [] for x in (plan_path, layer_specs, all_spec)) != 1:
-        raise UserError("give exactly one of --plan PLAN.json, --layer NAME=SPEC (repeatable) or --all SPEC")
+    if plan_path is not None and (layer_specs or all_spec):
+        raise UserError("--plan takes no --layer or --all: edit the plan, or use --all/--layer alone")
+    if plan_path is None and not layer_specs and not all_spec:
+        raise UserError("give --plan PLAN.json, --layer NAME=SPEC (repeatable) or --all SPEC")
     model_mod.check_output_path(out, [path], force)
     prep = _prepare(path, input_shapes)
     notes: list[str] = []
@@ -149,10 +151,9 @@ def apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=No
         if plan.factorization != "plain" and data is None:
             raise UserError(f"{plan_path} is a {plan.factorization} (data-aware) plan: give the calibration data "
                             f"with --data to re-apply it")
-    elif layer_specs:
-        plan = Plan(_forced(prep, layer_specs, None), "plain")
-    else:
-        plan, notes = _plan_for_all(prep, all_spec)
+    else:       # --all for every layer it fits, then --layer overrides (`--layer head=dense`)
+        plan, notes = _plan_for_all(prep, all_spec) if all_spec else (Plan({}, "plain"), [])
+        plan.layers.update(_forced(prep, layer_specs, None))
     plan.model_sha256 = prep.loaded.sha256
     if not plan.rewritten():
         raise UserError("the plan rewrites no layer: nothing to do")
@@ -243,11 +244,13 @@ class _Explored:
     measure_stats: profile.MeasureStats
     itemsize: dict[str, int]
     engine_cache: Path | None
+    timing: profile.Budget
 
 
 def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
              threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
-             layer_specs, exclude, input_shapes, progress: Progress, methods=None) -> _Explored:
+             layer_specs, exclude, input_shapes, progress: Progress, methods=None, exhaustive=False,
+             timing: profile.Budget | None = None) -> _Explored:
     started = time.monotonic()
     constraints = Constraints.parse(latency, memory, flops, max_accuracy_drop, objective)
     provider = resolve_provider(provider)
@@ -270,14 +273,15 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
                                   threads=threads, on_chunk=advance)
     factors = space_mod.Factors(prep.layers, stats, mode)
     with progress.task("decomposition and layer errors", len(layers)) as advance:
-        space = space_mod.build(layers, factors, methods, forced, on_layer=lambda _: advance())
+        space = space_mod.build(layers, factors, methods, forced, on_layer=lambda _: advance(),
+                                prune=not exhaustive)
 
     engine_cache = (Path(cache_dir) if cache_dir else profile.default_cache_dir()).parent / "trt-engines" \
         if provider == "TensorrtExecutionProvider" else None
     with progress.task("original model", None) as advance:
         session = create_session(prep.loaded.proto, provider, threads, engine_cache)
         inputs = profile.profiling_inputs(prep.loaded, calib)
-        base_timing = profile.time_session(session, inputs, provider)
+        base_timing = profile.time_session(session, inputs, provider, timing or profile.Budget())
         ref_session = create_session(prep.loaded.proto, "CPUExecutionProvider", threads)
         reference = metrics.outputs(ref_session, evaluation, prep.loaded, output)
         base_metric = metrics.score(metric, reference, reference, evaluation.labels)
@@ -291,14 +295,25 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     alive = sum(1 for c in space.all() if c.dropped is None)
     with progress.task("timing candidates", alive) as advance:
         measured = profile.measure_space(space, prep.layers, factors, cache, provider, threads,
-                                         deadline=deadline, opset=max(prep.loaded.opset, 13),
-                                         engine_cache=engine_cache, on_candidate=lambda _: advance(),
-                                         warn=log.warning)
+                                         budget=timing or profile.Budget(), deadline=deadline,
+                                         opset=max(prep.loaded.opset, 13), engine_cache=engine_cache,
+                                         on_candidate=lambda _: advance(), warn=log.warning,
+                                         keys=_pareto_keys(constraints), prune=not exhaustive)
     if sensitivity:
         log.warning("--sensitivity is not implemented yet: the summed layer error is used as is")
     itemsize = {n: l.dtype.itemsize for n, l in prep.layers.items()}
     return _Explored(prep, constraints, provider, threads, mode, metric, output, calib, evaluation, factors,
-                     space, baseline, inputs, reference, measured, itemsize, engine_cache)
+                     space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget())
+
+
+def _pareto_keys(constraints: Constraints) -> tuple[str, ...]:
+    """What stage 3 compares: latency and error, plus params/FLOPs when a limit or the objective uses them."""
+    keys = ["latency", "error"]
+    if constraints.memory is not None or constraints.objective == "memory":
+        keys.append("params")
+    if constraints.flops is not None or constraints.objective == "flops":
+        keys.append("flops")
+    return tuple(keys)
 
 
 def _build(ex: _Explored, choices: dict) -> tuple[Plan, onnx.ModelProto]:
@@ -317,8 +332,8 @@ def _verify(ex: _Explored, choices: dict) -> search.Verified:
     candidate = create_session(new, ex.provider, ex.threads, ex.engine_cache)
     a, b = [], []
     for _ in range(AB_ROUNDS):
-        a.append(profile.time_session(original, ex.inputs, ex.provider).median)
-        b.append(profile.time_session(candidate, ex.inputs, ex.provider).median)
+        a.append(profile.time_session(original, ex.inputs, ex.provider, ex.timing).median)
+        b.append(profile.time_session(candidate, ex.inputs, ex.provider, ex.timing).median)
     scoring = candidate if ex.provider == "CPUExecutionProvider" else create_session(new, "CPUExecutionProvider", ex.threads)
     result = metrics.outputs(scoring, ex.evaluation, ex.prep.loaded, ex.output)
     value = metrics.score(ex.metric, result, ex.reference, ex.evaluation.labels)
@@ -415,7 +430,8 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
              objective="latency", metric=None, output=None, data=None, provider="cpu", threads=1,
              factorization=None, calib_samples=128, sensitivity=False, time_budget=None, cache_dir=None,
              no_cache=False, seed=0, layer_specs=None, exclude=None, input_shapes=None, top_k=0,
-             force=False, progress: Progress | None = None) -> Result:
+             force=False, progress: Progress | None = None, exhaustive: bool = False,
+             timing: profile.Budget | None = None) -> Result:
     """Find the plan that meets the constraints; with `out`, write the model, plan and reports.
 
     Example: optimize("model.onnx", "small.onnx", latency="-30%", data="val.npz")
@@ -431,7 +447,7 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
                   threads=threads, factorization=factorization, calib_samples=calib_samples,
                   sensitivity=sensitivity, time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache,
                   seed=seed, layer_specs=layer_specs, exclude=exclude, input_shapes=input_shapes,
-                  progress=progress or Progress())
+                  progress=progress or Progress(), exhaustive=exhaustive, timing=timing)
     limits = search.Limits.resolve(ex.constraints, ex.baseline)
     with (progress or Progress()).task("verifying plans end to end", search.MAX_VERIFICATIONS) as advance:
         found = search.choose(ex.space, ex.baseline, limits, ex.constraints.objective, ex.itemsize,

@@ -14,7 +14,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from . import costs
 from .data import Dataset, feeds
-from .layers import Layer
+from .layers import Layer, explicit_pads
 from .model import LoadedModel
 from .runtime import create_session
 
@@ -39,8 +39,10 @@ def input_vectors(layer: Layer, x: np.ndarray) -> np.ndarray:
     """The layer's input as rows the weight matrix multiplies: [rows, K]."""
     x = x.astype(np.float64, copy=False)
     if layer.op == "Conv":
-        return im2col(x, layer.weight.shape[2:], layer.attrs["strides"], layer.attrs["pads"],
-                      layer.attrs["dilations"])
+        kernel, strides, dilations = layer.weight.shape[2:], layer.attrs["strides"], layer.attrs["dilations"]
+        pads = explicit_pads(x.shape, kernel, strides, dilations, layer.attrs.get("auto_pad", "NOTSET"),
+                             layer.attrs["pads"])
+        return im2col(x, kernel, strides, pads, dilations)
     if layer.side == "left":
         return np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
     if layer.attrs.get("transA"):

@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -36,7 +37,7 @@ class RichProgress(api.Progress):
 
     @contextlib.contextmanager
     def task(self, description, total):
-        if not self.enabled:
+        if not self.enabled or not err.is_terminal:
             yield lambda n=1: None
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -52,7 +53,7 @@ def _setup(quiet: bool) -> None:
 
 
 def _fail(message: str, code: int = 2):
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -114,7 +115,8 @@ def inspect(model: Path = typer.Argument(..., help="the .onnx file"),
 def apply(model: Path = typer.Argument(..., help="the .onnx file"),
           output: Path = typer.Option(..., "-o", "--out", help="the rewritten model"),
           plan: Optional[Path] = typer.Option(None, "--plan", help="a plan.json written by optimize"),
-          layer: Optional[List[str]] = typer.Option(None, "--layer", help="NAME=SPEC, e.g. fc1=svd:64; repeatable"),
+          layer: Optional[List[str]] = typer.Option(None, "--layer", help="NAME=SPEC, e.g. fc1=svd:64; repeatable; "
+                                                    "with --all, overrides it for that layer"),
           all_spec: Optional[str] = typer.Option(None, "--all", help="one SPEC for every layer it fits, e.g. svd:0.25"),
           data: Optional[Path] = typer.Option(None, "--data", help=".npz: accuracy before/after, data-aware plans"),
           input_shape: Optional[List[str]] = ShapeOpt,

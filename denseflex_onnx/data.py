@@ -124,9 +124,14 @@ def split(data: Dataset, calib_samples: int) -> tuple[Dataset, Dataset]:
     return data.take(0, calib), data.take(calib, n)
 
 
-def batching(model: LoadedModel) -> tuple[int, bool]:
-    """(chunk size, fixed?): a fixed batch b runs in chunks of b; a symbolic batch in chunks of 64."""
+def batching(model: LoadedModel, fed_whole=()) -> tuple[int, bool]:
+    """(chunk size, fixed?): a fixed batch b runs in chunks of b; a symbolic batch in chunks of 64.
+
+    Inputs fed whole to every chunk (`fed_whole`: no sample dim) do not set the batch.
+    """
     for info in graph_inputs(model.proto):
+        if info.name in fed_whole:
+            continue
         dims = info.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value"):
             return dims[0].dim_value, True
@@ -135,7 +140,7 @@ def batching(model: LoadedModel) -> tuple[int, bool]:
 
 def feeds(data: Dataset, model: LoadedModel):
     """Feed dicts of one chunk each; a tail that does not fill a fixed batch is dropped."""
-    size, fixed = batching(model)
+    size, fixed = batching(model, data.fixed)
     n = data.samples
     usable = (n // size) * size if fixed else n
     if usable < n:

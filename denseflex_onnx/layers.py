@@ -101,7 +101,8 @@ class _Graph:
         self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in graph.node:
-            for i in n.input:
+            # a control-flow node reads, through its bodies, every outer name they use
+            for i in {*n.input, *_names_read_by_subgraphs(n)}:
                 self.consumers.setdefault(i, []).append(n)
         self.inits = {i.name: i for i in graph.initializer}
         self.graph_outputs = {o.name for o in graph.output}
@@ -143,6 +144,16 @@ class _Graph:
         """Does anything besides this one path read the weight?"""
         names = [tensor] + [i for n in chain for i in n.input[:1]]
         return any(len(self.consumers.get(t, [])) > 1 or t in self.graph_outputs for t in names)
+
+
+def _names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for attr in node.attribute:
+        for _, sub in _subgraphs(attr):
+            for inner in sub.node:
+                names.update(inner.input)
+                names.update(_names_read_by_subgraphs(inner))
+    return names
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -294,7 +305,8 @@ def _gemm(g, node, name, shapes) -> Layer | str:
             return f"bias C: {why}"
         if c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
             return "bias C is not a vector over the outputs"
-        bias = (np.broadcast_to(c.reshape(-1), (n,)) * np.asarray(beta, dtype=c.dtype)).astype(w.dtype)
+        # a scalar stays a scalar: the chain's Add broadcasts it
+        bias = (c.reshape(-1) * np.asarray(beta, dtype=c.dtype)).astype(w.dtype)
     act = shapes[a]
     out = (act[1] if trans_a else act[0], n)
     return _matmul_layer(name, "Gemm", a, node.output[0], (node.output[0],), w, bias, act, out,
@@ -308,6 +320,8 @@ def _matmul(g, node, name, shapes) -> Layer | str:
     if wa is not None and wb is not None:
         return "both inputs are constant (fold constants first)"
     if wa is None and wb is None:
+        if "quantized" in (why_b or ""):
+            return why_b
         return "both inputs computed at run time (attention-style MatMul)"
     side, weight, act_name, chain, w_name = (("right", wb, a, chain_b, b) if wb is not None
                                              else ("left", wa, b, chain_a, a))
@@ -340,7 +354,7 @@ def _fused_bias(g, node, n, shapes):
     add = readers[0]
     other = add.input[1] if add.input[0] == out else add.input[0]
     value, chain, _ = g.constant(other)
-    if value is None or value.size != n or value.shape[-1] != n or g.shared(other, chain):
+    if value is None or value.size != n or (value.ndim and value.shape[-1] != n) or g.shared(other, chain):
         return None
     if shapes.get(add.output[0]) != shapes.get(out):
         return None
@@ -385,9 +399,14 @@ def _conv(g, node, name, shapes) -> Layer | str:
     pads = explicit_pads(shapes[x], kernel, strides, dilations, _attr(node, "auto_pad", "NOTSET"),
                          _attr(node, "pads", None))
     out_shape = costs.conv_output_shape(shapes[x], weight.shape[0], kernel, strides, pads, dilations)
+    auto_pad = _attr(node, "auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    attrs = {"strides": strides, "pads": pads, "dilations": dilations}
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        attrs["auto_pad"] = auto_pad    # pads depend on the input size: rewrites keep auto_pad
     layer = Layer(name=name, op="Conv", input=x, output=node.output[0], node_outputs=(node.output[0],),
                   weight=weight, bias=bias, activation_shape=tuple(shapes[x]), output_shape=out_shape,
-                  attrs={"strides": strides, "pads": pads, "dilations": dilations})
+                  attrs=attrs)
     layer.params = weight.size + (bias.size if bias is not None else 0)
     layer.flops = costs.conv_flops(out_shape, weight.shape[1], kernel)
     return layer

@@ -290,6 +290,7 @@ def write_model(model: onnx.ModelProto, path: Path, external: bool = False) -> l
         atomic_write_bytes(path, model.SerializeToString())
         return [path]
     data_name = path.name + ".data"
+    model = copy.deepcopy(model)    # onnx.save_model moves the weights out of the proto it is given
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent or ".") as tmp:
         onnx.save_model(model, os.path.join(tmp, path.name), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)

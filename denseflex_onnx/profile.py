@@ -154,9 +154,12 @@ class MeasureStats:
 
 def measure_space(space, layers: dict, factors, cache: Cache, provider: str, threads: int,
                   budget: Budget = Budget(), deadline: float | None = None, opset: int = 17,
-                  engine_cache: Path | None = None, on_candidate=None, warn=None) -> MeasureStats:
+                  engine_cache: Path | None = None, on_candidate=None, warn=None,
+                  keys: tuple[str, ...] = ("latency", "params", "flops", "error"), prune: bool = True) -> MeasureStats:
     """Times every surviving candidate; layers alike (same signature) are timed once.
 
+    Stage 3 then drops candidates dominated on `keys`: the figures the constraints and
+    the objective use (latency and error always).
     After `deadline` (time.monotonic()) nothing new is timed: those candidates are dropped
     as not timed, cached ones still count. A candidate whose timing fails is reported
     through `warn` and dropped; the search goes on without it.
@@ -169,7 +172,7 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
     # dense first: every layer needs its baseline even when time runs out
     order = sorted(space.all(), key=lambda c: (not c.is_dense,))
     for cand in order:
-        if cand.dropped is not None:
+        if cand.dropped is not None and not cand.is_dense:    # dense is the reference: always timed
             continue
         layer = layers[cand.layer]
         what = {"signature": repr(layer.signature()), "spec": cand.spec, "opset": opset}
@@ -208,7 +211,7 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
         if on_candidate:
             on_candidate(cand)
     for name in space.candidates:
-        for cand in dominated(space.alive(name), ("latency", "params", "flops", "error")):
+        for cand in dominated(space.alive(name), keys) if prune else []:
             cand.dropped = DOMINATED_TIMED
     space.stage_counts["after_timing"] = sum(len(space.alive(n)) for n in space.candidates)
     return stats

@@ -8,6 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .passes import PASSES
+from .passes.chain import conv_geometry
 
 from . import __version__
 from .layers import Layer
@@ -81,7 +82,7 @@ def one_layer_model(layer: Layer, choice: Choice, factors: list[np.ndarray] | No
         bias_input = ["b"]
     nodes: list[onnx.NodeProto]
     if layer.op == "Conv":
-        attrs = {k: list(v) for k, v in layer.attrs.items()}
+        attrs = conv_geometry(layer, layer.weight.shape[2:])
         nodes = [onnx.helper.make_node("Conv", ["x", "W", *bias_input], ["y"], **attrs)]
     elif layer.op == "Gemm":
         nodes = [onnx.helper.make_node("Gemm", ["x", "W", *bias_input], ["y"],

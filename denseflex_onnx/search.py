@@ -20,6 +20,7 @@ from .constraints import Constraints
 from .space import Candidate, Space
 
 MAX_VERIFICATIONS = 6
+ERROR_FLOOR = 1e-3      # the smallest summed error budget tried, per unit of its range
 
 
 @dataclass(frozen=True)
@@ -195,21 +196,24 @@ def misses(verified: Verified, baseline: Baseline, limits: Limits) -> dict[str, 
 def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, itemsize: dict[str, int],
            verify: Callable[[dict[str, Candidate]], Verified],
            max_verifications: int = MAX_VERIFICATIONS, on_step=None) -> SearchResult:
+    """Bisect the summed layer-error budget, geometrically, over a range that depends only on
+    the number of layers (relative errors above 1 are useless): the same budgets are tried
+    whatever the pruning kept, so a pruned and an exhaustive space give the same plan."""
     names = sorted(space.candidates)
     dense = {n: next(c for c in space.candidates[n] if c.is_dense) for n in names}
-    worst = sum(max((c.error for c in space.alive(n)), default=0.0) for n in names)
-    hi, lo = worst, 0.0
-    budget = hi
+    hi = float(max(len(names), 1))
+    lo = ERROR_FLOOR * hi
+    budget = _between(lo, hi)
     latency_budget = limits.latency
     steps: list[Step] = []
     best: Step | None = None
     seen: dict[tuple, Step] = {}
-    for _ in range(max_verifications):
+    attempts = 0
+    while len(steps) < max_verifications and attempts < 4 * max_verifications and hi / lo > 1.02:
+        attempts += 1
         choices = solve(space, baseline, limits, objective, budget, itemsize, latency_budget)
-        if choices is None:
-            if budget >= worst:
-                break                     # the limits cannot be met by any plan
-            lo = budget                   # too tight an error budget: loosen it
+        if choices is None:           # too tight an error budget (or limits no plan meets)
+            lo = budget
             budget = _between(lo, hi)
             continue
         key = tuple(sorted((n, c.spec) for n, c in choices.items()))
@@ -226,27 +230,25 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
         if not step.misses:
             if best is None or _objective(step, objective) < _objective(best, objective):
                 best = step
-            if budget >= hi or hi - lo < 1e-4 * max(worst, 1e-12):
-                break
             lo = budget
-            budget = _between(lo, hi)
         elif "accuracy drop" in step.misses:
             hi = budget
-            budget = _between(lo, hi)
         elif "latency" in step.misses:
             reached, limit = step.misses["latency"]
             current = latency_budget if latency_budget is not None else limit
             latency_budget = current - (reached - limit) * 1.1
+            continue
         else:
             break                          # memory/FLOPs are exact: nothing to tighten
+        budget = _between(lo, hi)
     if best is not None:
         return SearchResult(True, best.choices, best.verified, {}, steps)
     # nothing met every limit: the verified plan that missed least, or the closest plan
     if steps:
         nearest = min(steps, key=lambda s: _miss_score(s.misses))
     else:
-        choices = closest(space, baseline, limits, itemsize, worst)
-        nearest = Step(worst, None, choices, estimate(choices, dense, baseline, itemsize))
+        choices = closest(space, baseline, limits, itemsize, hi)
+        nearest = Step(hi, None, choices, estimate(choices, dense, baseline, itemsize))
         nearest.verified = verify(choices)
         nearest.misses = misses(nearest.verified, baseline, limits) or {"constraints": (1.0, 0.0)}
         steps.append(nearest)
@@ -254,16 +256,15 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
 
 
 def _between(lo: float, hi: float) -> float:
-    """Bisection point, geometric once both ends are positive (layer errors span decades)."""
-    if lo <= 0:
-        return hi / 4
+    """Geometric bisection: layer errors span decades."""
     return math.sqrt(lo * hi)
 
 
 def _objective(step: Step, objective: str) -> float:
-    v = step.verified
-    return {"latency": v.latency / v.baseline_latency, "memory": v.bytes, "flops": v.flops,
-            "accuracy": -v.metric}[objective]
+    """Plans that pass verification are ranked by their estimate (cached timings, exact sums),
+    not by a fresh noisy measurement, so the same inputs and cache give the same plan."""
+    e = step.estimate
+    return {"latency": e.latency, "memory": e.bytes, "flops": e.flops, "accuracy": -step.verified.metric}[objective]
 
 
 def _miss_score(m: dict[str, tuple[float, float]]) -> float:

@@ -25,6 +25,7 @@ DOMINATED = "dominated"
 DOMINATED_TIMED = "dominated after timing"
 NOT_TIMED = "not timed (time budget)"
 TIMING_FAILED = "timing failed"
+FORCED = "another choice forced (--layer)"
 
 
 @dataclass
@@ -88,14 +89,18 @@ class Factors:
         self._sketches: dict[str, tuple[np.ndarray, float]] = {}
 
     def decomposition(self, layer: Layer, method: str, max_rank: int | None = None):
+        """The cached decomposition; computed again only when a higher rank is asked of a partial one."""
         key = (layer.name, method)
-        if key not in self._decompositions:
+        cached = self._decompositions.get(key)
+        if key not in self._decompositions or (cached is not None and max_rank is not None
+                                               and len(cached.s) < min(max_rank, *cached_shape(cached))):
             self._decompositions[key] = PASSES[method].decompose(
                 layer, self.stats.get(layer.name), max_rank, self.mode)
         return self._decompositions[key]
 
     def factors(self, layer: Layer, choice: Choice, max_rank: int | None = None) -> list[np.ndarray]:
         module = PASSES[choice.method]
+        max_rank = max_rank or choice.config.get("rank")
         return module.factorize(layer, choice.config, self.stats.get(layer.name),
                                 self.decomposition(layer, choice.method, max_rank), self.mode)
 
@@ -126,6 +131,11 @@ class Factors:
         return self._sketches[layer.name]
 
 
+def cached_shape(d) -> tuple[int, int]:
+    """The full shape of the matrix an SVD-family decomposition came from."""
+    return d.u.shape[0], d.vt.shape[1]
+
+
 def _as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
     """The weight as x @ M for the layer's input vectors."""
     if layer.op == "Conv":
@@ -134,17 +144,26 @@ def _as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
 
 
 def build(layers: list[Layer], factors: Factors, methods: list[str] | None = None,
-          forced: dict[str, Choice] | None = None, on_layer=None) -> Space:
-    """Grid, stage 1, layer errors, stage 2. Forced layers (`--layer`, `--exclude`) get one candidate."""
+          forced: dict[str, Choice] | None = None, on_layer=None, prune: bool = True) -> Space:
+    """Grid, stage 1, layer errors, stage 2. Forced layers (`--layer`, `--exclude`) get one candidate.
+
+    `prune=False` keeps the whole grid (every candidate gets timed): the exhaustive
+    reference the pruned search is checked against.
+    """
     forced = forced or {}
     space = Space({})
     full = after1 = after2 = 0
     for layer in layers:
         if layer.name in forced:
+            dense = Candidate(layer.name, DENSE, layer.params, layer.flops, error=0.0)
             choice = forced[layer.name]
-            cand = Candidate(layer.name, choice, *_cost(layer, choice))
-            cand.error = factors.error(layer, choice)
-            space.candidates[layer.name] = [cand]
+            if choice.method == "dense":
+                space.candidates[layer.name] = [dense]
+            else:       # the dense candidate stays as the reference the layer's deltas start from
+                dense.dropped = FORCED
+                cand = Candidate(layer.name, choice, *_cost(layer, choice))
+                cand.error = factors.error(layer, choice)
+                space.candidates[layer.name] = [dense, cand]
             full, after1, after2 = full + 1, after1 + 1, after2 + 1
             if on_layer:
                 on_layer(layer)
@@ -152,7 +171,7 @@ def build(layers: list[Layer], factors: Factors, methods: list[str] | None = Non
         cands = grid(layer, methods)
         full += len(cands)
         for c in cands[1:]:
-            if c.params >= layer.params and c.flops >= layer.flops:
+            if prune and c.params >= layer.params and c.flops >= layer.flops:
                 c.dropped = SAVES_NOTHING
         alive = [c for c in cands if c.dropped is None]
         after1 += len(alive)
@@ -160,7 +179,7 @@ def build(layers: list[Layer], factors: Factors, methods: list[str] | None = Non
         for c in alive:
             if not c.is_dense:
                 c.error = factors.error(layer, c.choice, max_ranks.get(c.choice.method))
-        for c in dominated(alive, ("params", "flops", "error")):
+        for c in dominated(alive, ("params", "flops", "error")) if prune else []:
             c.dropped = DOMINATED
         after2 += sum(c.dropped is None for c in cands)
         space.candidates[layer.name] = cands

@@ -50,6 +50,17 @@ class Chain:
             self.finish("Add", [self.op(op, inputs, attrs), self.constant("bias", bias)])
 
 
+def conv_geometry(layer, kernel_shape) -> dict:
+    """Attributes of the conv that keeps the layer's strides, dilations and padding."""
+    attrs = {"kernel_shape": list(kernel_shape), "strides": list(layer.attrs["strides"]),
+             "dilations": list(layer.attrs["dilations"])}
+    if "auto_pad" in layer.attrs:
+        attrs["auto_pad"] = layer.attrs["auto_pad"]
+    else:
+        attrs["pads"] = list(layer.attrs["pads"])
+    return attrs
+
+
 def split_singular_values(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int):
     """W ~ (U sqrt(S)) (sqrt(S) Vt): both factors carry half the scale, which keeps fp16 in range."""
     root = np.sqrt(s[:rank])

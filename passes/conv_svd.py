@@ -10,7 +10,7 @@ import numpy as np
 from denseflex_onnx import costs
 from denseflex_onnx.errors import UserError
 
-from .chain import Chain, rank_from_text, split_singular_values
+from .chain import Chain, conv_geometry, rank_from_text, split_singular_values
 from . import svd
 
 NAME = "conv_svd"
@@ -79,8 +79,7 @@ def reconstruct(layer, factors) -> np.ndarray:
 def rewrite(graph, layer, factors) -> None:
     first, second = factors
     chain = Chain(graph, layer, NAME)
-    attrs = {"kernel_shape": list(first.shape[2:]), **{k: list(v) for k, v in layer.attrs.items()}}
-    h = chain.op("Conv", [chain.input, chain.constant("W1", first)], attrs)
+    h = chain.op("Conv", [chain.input, chain.constant("W1", first)], conv_geometry(layer, first.shape[2:]))
     inputs = [h, chain.constant("W2", second)]
     if layer.bias is not None:
         inputs.append(chain.constant("bias", layer.bias))

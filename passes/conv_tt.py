@@ -13,7 +13,8 @@ from tensorly.decomposition import tensor_train
 from denseflex_onnx import costs
 from denseflex_onnx.errors import UserError
 
-from .chain import Chain, rank_from_text
+from .chain import Chain, conv_geometry, rank_from_text
+from .svd import partial_svd
 
 NAME = "conv_tt"
 OPS = ("Conv",)
@@ -34,6 +35,14 @@ def max_ranks(layer) -> tuple[int, int]:
     return min(cin, kk * cout), min(cin * kk, cout)
 
 
+def reachable_ranks(layer, ranks) -> list[int]:
+    """What TT-SVD of (Cin | kh*kw | Cout) can give: r1 <= min(Cin, kk*Cout), r2 <= min(r1*kk, Cout)."""
+    cout, cin = layer.weight.shape[:2]
+    kk = costs.prod(layer.weight.shape[2:])
+    r1 = min(ranks[0], cin, kk * cout)
+    return [r1, min(ranks[1], r1 * kk, cout)]
+
+
 def candidates(layer) -> list[dict]:
     """(r1, r2) on multiples of 8 up to each bond's maximum, that save weights."""
     caps = max_ranks(layer)
@@ -42,8 +51,8 @@ def candidates(layer) -> list[dict]:
     configs = []
     for r1 in steps[0]:
         for r2 in steps[1]:
-            config = {"ranks": [r1, r2]}
-            if cost(layer, config)[0] < dense_params:
+            config = {"ranks": reachable_ranks(layer, [r1, r2])}
+            if config not in configs and cost(layer, config)[0] < dense_params:
                 configs.append(config)
     return configs
 
@@ -70,7 +79,7 @@ def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain"
     r1, r2 = config["ranks"]
     kk = costs.prod(spatial)
     tensor = layer.weight.astype(np.float64).reshape(cout, cin, kk).transpose(1, 2, 0)  # Cin, kk, Cout
-    g1, g2, g3 = tensor_train(tl.tensor(tensor), rank=[1, r1, r2, 1], svd="truncated_svd")
+    g1, g2, g3 = tensor_train(tl.tensor(tensor), rank=[1, r1, r2, 1], svd=partial_svd)
     g1, g2, g3 = (np.asarray(g) for g in (g1, g2, g3))
     r1, r2 = g1.shape[-1], g2.shape[-1]       # tensorly caps ranks at what the shape allows
     ones = [1] * len(spatial)
@@ -96,8 +105,7 @@ def rewrite(graph, layer, factors) -> None:
     ones = [1] * (first.ndim - 2)
     chain = Chain(graph, layer, NAME)
     h = chain.op("Conv", [chain.input, chain.constant("W1", first)], {"kernel_shape": ones})
-    attrs = {"kernel_shape": list(middle.shape[2:]), **{k: list(v) for k, v in layer.attrs.items()}}
-    h = chain.op("Conv", [h, chain.constant("W2", middle)], attrs)
+    h = chain.op("Conv", [h, chain.constant("W2", middle)], conv_geometry(layer, middle.shape[2:]))
     inputs = [h, chain.constant("W3", last)]
     if layer.bias is not None:
         inputs.append(chain.constant("bias", layer.bias))
@@ -116,6 +124,11 @@ def parse_spec(layer, text: str) -> dict:
         ranks = [rank_from_text(text, c, what) for c in caps]
     if any(r > c for r, c in zip(ranks, caps)):
         raise UserError(f"{what}: ranks {ranks} exceed the layer's maxima {list(caps)}")
+    reachable = reachable_ranks(layer, ranks)
+    if reachable != ranks:
+        if "x" in text:
+            raise UserError(f"{what}: r2 is at most r1*kh*kw; use conv_tt:{reachable[0]}x{reachable[1]}")
+        ranks = reachable
     return {"ranks": ranks}
 
 

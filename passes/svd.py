@@ -104,7 +104,7 @@ def decompose_matrix(w: np.ndarray, stats=None, max_rank: int | None = None,
     else:
         # error energy in the transformed space: G' = T^-T G T^-1 (identity when whitened)
         g_t = gram if untransform is None else untransform.T @ gram @ untransform
-        energy = s ** 2 * np.einsum("ki,kl,li->i", u, g_t, u)
+        energy = s ** 2 * np.sum(u * (g_t @ u), axis=0)
         total = float(np.sum(w * (gram @ w)))
     return Decomposition(u, s, vt, untransform, energy, total)
 
@@ -130,6 +130,13 @@ def truncated_svd(w: np.ndarray, max_rank: int | None = None):
         return scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesdd")
     except np.linalg.LinAlgError:
         return scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesvd")
+
+
+def partial_svd(matrix, n_eigenvecs: int | None = None, **_):
+    """truncated_svd with tensorly's SVD signature, so tensorly's TT-SVD uses it too."""
+    u, s, vt = truncated_svd(np.asarray(matrix, dtype=np.float64), n_eigenvecs)
+    k = len(s) if n_eigenvecs is None else min(n_eigenvecs, len(s))
+    return u[:, :k], s[:k], vt[:k]
 
 
 def _randomized_svd(w: np.ndarray, rank: int, oversample: int = 16, power_iterations: int = 4):

@@ -8,6 +8,7 @@ onnxruntime, no Transposes): measured faster on ORT CPU than an Einsum chain
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 
@@ -19,6 +20,7 @@ from denseflex_onnx import costs
 from denseflex_onnx.errors import UserError
 
 from .chain import Chain
+from .svd import partial_svd
 
 NAME = "tt"
 OPS = ("Gemm", "MatMul")
@@ -54,15 +56,24 @@ def max_bonds(in_modes, out_modes) -> list[int]:
     return [min(math.prod(sizes[:t + 1]), math.prod(sizes[t + 1:])) for t in range(len(sizes) - 1)]
 
 
+def reachable_ranks(in_modes, out_modes, ranks) -> list[int]:
+    """The bond ranks TT-SVD can give: r_t <= r_{t-1} * k_t * n_t and <= the size right of the bond."""
+    sizes = [k * n for k, n in zip(in_modes, out_modes)]
+    out, previous = [], 1
+    for t, wanted in enumerate(ranks):
+        previous = min(int(wanted), previous * sizes[t], math.prod(sizes[t + 1:]))
+        out.append(previous)
+    return out
+
+
 def candidates(layer) -> list[dict]:
-    """For d = 2..4 modes: the two most balanced shapes of K and of N, bonds from BOND_RANKS."""
+    """For d = 2..4 modes: the most balanced shapes of K and of N, bonds from BOND_RANKS."""
     k, n = layer.weight.shape
     configs = []
     for d in MODES:
-        for ins, outs in itertools.product(factorizations(k, d)[:2], factorizations(n, d)[:2]):
-            caps = max_bonds(ins, outs)
+        for ins, outs in itertools.product(factorizations(k, d)[:1], factorizations(n, d)[:1]):
             for r in BOND_RANKS:
-                ranks = [min(r, c) for c in caps]
+                ranks = reachable_ranks(ins, outs, [r] * (d - 1))
                 config = {"in_modes": list(ins), "out_modes": list(outs), "ranks": ranks}
                 if config not in configs:
                     configs.append(config)
@@ -76,9 +87,32 @@ def cost(layer, config) -> tuple[int, int]:
             costs.tt_matrix_flops(layer.rows, ins, outs, ranks))
 
 
-def decompose(layer, stats=None, max_rank=None, mode: str = "plain"):
-    """TT truncations are not prefixes of one another: each config decomposes on its own."""
-    return None
+class UnfoldingSVDs:
+    """The SVDs TT-SVD takes of its unfoldings, kept for the configs that share them.
+
+    TT truncations are not prefixes of one another, but every config with the same modes
+    starts from the same first unfolding (and d = 2 has no other): its SVD is computed once.
+    Called with tensorly's SVD signature.
+    """
+
+    def __init__(self, largest: int = 1024):
+        self.largest = largest
+        self._kept: dict[tuple, tuple] = {}
+
+    def __call__(self, matrix, n_eigenvecs: int | None = None, **_):
+        m = np.asarray(matrix, dtype=np.float64)
+        if min(m.shape) > self.largest:
+            return partial_svd(m, n_eigenvecs)
+        key = (m.shape, hashlib.sha1(m.tobytes()).hexdigest())
+        if key not in self._kept:
+            self._kept[key] = partial_svd(m)
+        u, s, vt = self._kept[key]
+        k = len(s) if n_eigenvecs is None else min(n_eigenvecs, len(s))
+        return u[:, :k], s[:k], vt[:k]
+
+
+def decompose(layer, stats=None, max_rank=None, mode: str = "plain") -> UnfoldingSVDs:
+    return UnfoldingSVDs()
 
 
 def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain") -> list[np.ndarray]:
@@ -88,9 +122,7 @@ def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain"
     w = layer.weight.astype(np.float64).reshape(*ins, *outs)
     interleaved = w.transpose([i for t in range(d) for i in (t, d + t)])
     tensor = interleaved.reshape([k * n for k, n in zip(ins, outs)])
-    full = all(r >= c for r, c in zip(ranks, max_bonds(ins, outs)))
-    method = "truncated_svd" if full or min(tensor.shape) <= 256 else "randomized_svd"
-    cores = tensor_train(tl.tensor(tensor), rank=[1, *ranks, 1], svd=method, random_state=0)
+    cores = tensor_train(tl.tensor(tensor), rank=[1, *ranks, 1], svd=decomposition or partial_svd)
     return [np.asarray(core).reshape(core.shape[0], k, n, core.shape[-1]).astype(layer.dtype)
             for core, k, n in zip(cores, ins, outs)]
 
@@ -137,8 +169,11 @@ def rewrite(graph, layer, factors) -> None:
     if rank == 2 or layer.attrs.get("transA"):
         out_shape = chain.shape_constant("shape_out", [-1, n])
     else:
-        lead = chain.op("Slice", [chain.op("Shape", [chain.input]), chain.shape_constant("start", [0]),
-                                  chain.shape_constant("end", [-1])])
+        shape = chain.op("Shape", [chain.input])
+        if graph.opset >= 10:
+            lead = chain.op("Slice", [shape, chain.shape_constant("start", [0]), chain.shape_constant("end", [-1])])
+        else:           # before opset 10 Slice took its bounds as attributes
+            lead = chain.op("Slice", [shape], {"starts": [0], "ends": [rank - 1]})
         out_shape = chain.op("Concat", [lead, chain.shape_constant("n", [n])], {"axis": 0})
     chain.last("Reshape", [state, out_shape], bias=layer.bias)
 
@@ -161,7 +196,7 @@ def parse_spec(layer, text: str) -> dict:
             raise UserError(f"{what}: {k}x{n} has no tensor-train shape")
         caps = max_bonds(ins[0], outs[0])
         return {"in_modes": list(ins[0]), "out_modes": list(outs[0]),
-                "ranks": [max(1, int(round(fraction * c))) for c in caps]}
+                "ranks": reachable_ranks(ins[0], outs[0], [max(1, int(round(fraction * c))) for c in caps])}
     try:
         modes, rank_text = text.rsplit(":", 1)
         in_text, out_text = modes.split(",")
@@ -181,6 +216,10 @@ def parse_spec(layer, text: str) -> dict:
     caps = max_bonds(ins, outs)
     if any(r > c for r, c in zip(ranks, caps)):
         raise UserError(f"{what}: bond ranks {ranks} exceed the maxima {caps} of this shape")
+    reachable = reachable_ranks(ins, outs, ranks)
+    if reachable != ranks:
+        raise UserError(f"{what}: bond ranks {ranks} cannot all be reached with these modes "
+                        f"(each bond is at most the previous one times k*n); use {'x'.join(map(str, reachable))}")
     return {"in_modes": ins, "out_modes": outs, "ranks": ranks}
 
 

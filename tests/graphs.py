@@ -104,14 +104,22 @@ def conv(cin=8, cout=16, kernel=(3, 3), spatial=(9, 9), strides=None, pads=None,
     return model([node], [value("X", [batch, cin, *spatial], dtype)], [y], inits)
 
 
+def decaying(r, n, k):
+    """A weight with a decaying spectrum, as trained layers have (random ones are full rank)."""
+    u, _ = np.linalg.qr(r.standard_normal((n, min(n, k))))
+    v, _ = np.linalg.qr(r.standard_normal((k, min(n, k))))
+    s = np.exp(-np.arange(min(n, k)) / (0.08 * min(n, k)))
+    return ((u * s) @ v.T * np.sqrt(n)).astype(np.float32)
+
+
 def mlp(sizes=(20, 32, 24, 5), batch="N", seed=0) -> onnx.ModelProto:
     """Gemm-ReLU chain like the bundled MNIST MLP (transB=1, as torch exports Linear)."""
     r = rng(seed)
     nodes, inits = [], []
     x = "X"
     for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
-        inits += [init(f"W{i}", r.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)),
-                  init(f"b{i}", r.standard_normal(n).astype(np.float32) * 0.1)]
+        inits += [init(f"W{i}", decaying(r, n, k)),
+                  init(f"b{i}", (r.standard_normal(n) * 0.1).astype(np.float32))]
         y = f"h{i}" if i < len(sizes) - 2 else "Y"
         nodes.append(helper.make_node("Gemm", [x, f"W{i}", f"b{i}"], [y], name=f"fc{i}", transB=1))
         if i < len(sizes) - 2:

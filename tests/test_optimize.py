@@ -1,0 +1,135 @@
+"""explore/optimize end to end on real models: outputs, cache, exhaustive vs pruned, infeasible."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import denseflex_onnx
+from denseflex_onnx.profile import Budget
+
+import graphs
+
+ROOT = Path(__file__).resolve().parents[1]
+MLP, MLP_DATA = ROOT / "models/mnist_mlp.onnx", ROOT / "models/mnist_mlp_val.npz"
+FAST = Budget(min_runs=3, max_runs=15, max_seconds=0.02)
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "denseflex_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture
+def small_mlp(tmp_path):
+    return graphs.save(graphs.mlp((64, 160, 96, 10), seed=1), tmp_path / "mlp.onnx")
+
+
+def test_optimize_writes_every_file_and_a_reapplicable_plan(small_mlp, tmp_path):
+    out = tmp_path / "small.onnx"
+    result = denseflex_onnx.optimize(small_mlp, out, memory="-40%", max_accuracy_drop=2, cache_dir=tmp_path / "c",
+                                     timing=FAST, top_k=1)
+    assert result.feasible, result.misses
+    for name in ("small.onnx", "small.plan.json", "small.report.json", "small.report.csv", "small.report.md",
+                 "small.pareto.png", "small.alt1.onnx", "small.alt1.plan.json"):
+        assert (tmp_path / name).is_file(), name
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    meta = {p.key: p.value for p in written.metadata_props}
+    assert meta["denseflex_onnx.plan_sha256"] == result.plan.sha256()
+    assert [i.name for i in written.graph.input] == ["X"] and [o.name for o in written.graph.output] == ["Y"]
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    # memory limit met on the written file itself
+    from denseflex_onnx.model import weight_bytes
+    assert weight_bytes(written) <= 0.6 * weight_bytes(onnx.load(str(small_mlp)))
+    report = json.loads((tmp_path / "small.report.json").read_text())
+    assert report["status"] == "ok" and report["plan"] == json.loads((tmp_path / "small.plan.json").read_text())
+    # the plan re-applied with `apply` gives the same model outputs
+    again = tmp_path / "again.onnx"
+    r = cli("apply", small_mlp, "--plan", tmp_path / "small.plan.json", "-o", again)
+    assert r.returncode == 0, r.stderr
+    x = np.random.default_rng(0).standard_normal((7, 64)).astype(np.float32)
+    y1 = ort.InferenceSession(str(out)).run(None, {"X": x})[0]
+    y2 = ort.InferenceSession(str(again)).run(None, {"X": x})[0]
+    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
+
+
+def test_warm_second_run_times_nothing_and_gives_the_same_plan(small_mlp, tmp_path):
+    kwargs = dict(memory="-30%", cache_dir=tmp_path / "cache", timing=FAST)
+    cold = denseflex_onnx.optimize(small_mlp, **kwargs)
+    warm = denseflex_onnx.optimize(small_mlp, **kwargs)
+    assert cold.report["stages"]["timed"] > 0
+    assert warm.report["stages"]["timed"] == 0
+    assert warm.report["stages"]["cached"] == cold.report["stages"]["timed"] + cold.report["stages"]["cached"]
+    assert warm.plan.to_json() == cold.plan.to_json()
+
+
+def test_api_and_cli_give_the_same_plan(small_mlp, tmp_path):
+    cache = tmp_path / "cache"
+    api = denseflex_onnx.optimize(small_mlp, tmp_path / "a.onnx", flops="-50%", cache_dir=cache)
+    r = cli("optimize", small_mlp, "--flops", "-50%", "--cache-dir", cache, "-o", tmp_path / "b.onnx", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["plan"]["layers"] == api.plan.to_json()["layers"]
+    assert summary["stages"]["timed"] == 0
+
+
+def test_exhaustive_timing_and_pruned_search_choose_the_same_plan(tmp_path):
+    """On the bundled MLP, timings fixed by a cache filled by timing the whole grid."""
+    cache = tmp_path / "cache"
+    options = dict(latency="-30%", data=MLP_DATA, cache_dir=cache, timing=FAST)
+    full = denseflex_onnx.optimize(MLP, exhaustive=True, **options)
+    pruned = denseflex_onnx.optimize(MLP, **options)
+    assert pruned.report["stages"]["timed"] == 0            # everything came from the cache
+    assert full.report["stages"]["never_timed_share"] == 0
+    assert pruned.report["stages"]["never_timed_share"] > 0.5
+    assert pruned.plan.to_json()["layers"] == full.plan.to_json()["layers"]
+    assert pruned.feasible
+
+
+def test_impossible_constraint_writes_closest_and_exits_2(small_mlp, tmp_path):
+    out = tmp_path / "out.onnx"
+    r = cli("optimize", small_mlp, "--latency", "1us", "-o", out, "--cache-dir", tmp_path / "c")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+    assert (tmp_path / "out.closest.onnx").is_file() and (tmp_path / "out.closest.plan.json").is_file()
+    last = r.stderr.strip().splitlines()[-1]
+    assert "latency" in last and ">" in last and "1 us" in last
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["status"] == "infeasible"
+    onnx.checker.check_model(onnx.load(str(tmp_path / "out.closest.onnx")), full_check=True)
+
+
+def test_exclude_and_layer_overrides_are_obeyed(small_mlp, tmp_path):
+    result = denseflex_onnx.optimize(small_mlp, memory="-30%", exclude=["fc0"], layer_specs=["fc1=svd:8"],
+                                     cache_dir=tmp_path / "c", timing=FAST)
+    layers = result.plan.to_json()["layers"]
+    assert "fc0" not in layers
+    assert layers["fc1"] == {"method": "svd", "config": {"rank": 8}}
+
+
+def test_explore_writes_reports_only(small_mlp, tmp_path):
+    r = cli("explore", small_mlp, "-o", tmp_path / "space", "--cache-dir", tmp_path / "c", "--memory", "-20%")
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in tmp_path.glob("space*")} == {
+        "space.report.json", "space.report.csv", "space.report.md", "space.pareto.png"}
+    report = json.loads((tmp_path / "space.report.json").read_text())
+    s = report["stages"]
+    assert s["grid"] >= s["after_saves_nothing"] >= s["after_dominated"] >= s["after_timing"] > 0
+
+
+@pytest.mark.parametrize("provider,expect", [("cuda", "not installed"), ("tensorrt", "not installed"),
+                                             ("nosuch", "unknown provider")])
+def test_missing_provider_lists_installed_ones(small_mlp, tmp_path, provider, expect):
+    if provider in ("cuda", "tensorrt") and \
+            {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[provider] in ort.get_available_providers():
+        pytest.skip(f"{provider} is installed here; the error path cannot be exercised")
+    r = cli("optimize", small_mlp, "--provider", provider, "-o", tmp_path / "o.onnx")
+    assert r.returncode == 2
+    assert expect in r.stderr and "CPUExecutionProvider" in r.stderr
+    assert not list(tmp_path.glob("o*"))

@@ -1,0 +1,150 @@
+"""The choice stage: the MILP against brute force, limits, misses, the bisection loop."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from denseflex_onnx.constraints import Constraints
+from denseflex_onnx.plan import DENSE, Choice
+from denseflex_onnx.search import Baseline, Limits, Verified, choose, estimate, misses, solve
+from denseflex_onnx.space import Candidate, Space, dominated
+
+
+def random_space(rng, layers=3, per_layer=4):
+    space = Space({})
+    for i in range(layers):
+        name = f"l{i}"
+        params, flops, lat = int(rng.integers(1000, 5000)), int(rng.integers(10_000, 50_000)), float(rng.uniform(1, 3))
+        cands = [Candidate(name, DENSE, params, flops, error=0.0, latency=lat)]
+        for r in range(per_layer):
+            cands.append(Candidate(name, Choice("svd", {"rank": r + 1}), int(rng.integers(100, params)),
+                                   int(rng.integers(1000, flops)), error=float(rng.uniform(0.01, 0.5)),
+                                   latency=float(rng.uniform(0.2, lat * 1.3))))
+        space.candidates[name] = cands
+    return space
+
+
+def brute_force(space, baseline, limits, objective, error_budget, itemsize):
+    """Every combination, the constraints checked one by one: the reference for the MILP."""
+    names = sorted(space.candidates)
+    dense = {n: space.candidates[n][0] for n in names}
+    best, best_value = None, math.inf
+    for combo in itertools.product(*(space.candidates[n] for n in names)):
+        choices = dict(zip(names, combo))
+        e = estimate(choices, dense, baseline, itemsize)
+        if limits.latency is not None and e.latency > limits.latency + 1e-12:
+            continue
+        if limits.bytes is not None and e.bytes > limits.bytes + 1e-9:
+            continue
+        if limits.flops is not None and e.flops > limits.flops + 1e-9:
+            continue
+        if e.error > error_budget + 1e-12:
+            continue
+        value = {"latency": e.latency, "memory": e.bytes, "flops": e.flops, "accuracy": e.error}[objective]
+        if value < best_value - 1e-12:
+            best, best_value = choices, value
+    return best, best_value
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("objective", ["latency", "memory", "flops", "accuracy"])
+def test_milp_matches_brute_force(seed, objective):
+    rng = np.random.default_rng(seed)
+    space = random_space(rng)
+    itemsize = {n: 4 for n in space.candidates}
+    dense = {n: c[0] for n, c in space.candidates.items()}
+    total_params = sum(c.params for c in dense.values())
+    baseline = Baseline(latency=10.0, bytes=4 * total_params + 1000, flops=200_000, metric=90.0)
+    limits = Limits(latency=float(rng.uniform(6, 10)), bytes=baseline.bytes * float(rng.uniform(0.4, 1.0)),
+                    flops=None if seed % 2 else baseline.flops * 0.9, accuracy_drop=1.0)
+    budget = float(rng.uniform(0.1, 1.0))
+    expected, expected_value = brute_force(space, baseline, limits, objective, budget, itemsize)
+    got = solve(space, baseline, limits, objective, budget, itemsize)
+    if expected is None:
+        assert got is None
+        return
+    assert got is not None
+    e = estimate(got, dense, baseline, itemsize)
+    value = {"latency": e.latency, "memory": e.bytes, "flops": e.flops, "accuracy": e.error}[objective]
+    assert value == pytest.approx(expected_value, rel=1e-9, abs=1e-9)
+    assert e.error <= budget + 1e-9
+    assert limits.latency is None or e.latency <= limits.latency + 1e-9
+
+
+def test_milp_returns_none_when_nothing_fits():
+    space = random_space(np.random.default_rng(0))
+    baseline = Baseline(10.0, 100_000, 200_000, 90.0)
+    limits = Limits(latency=0.001, bytes=None, flops=None, accuracy_drop=1.0)
+    assert solve(space, baseline, limits, "latency", 10.0, {n: 4 for n in space.candidates}) is None
+
+
+def test_exclude_gives_a_different_plan():
+    space = random_space(np.random.default_rng(3))
+    baseline = Baseline(10.0, 100_000, 200_000, 90.0)
+    limits = Limits(None, None, None, 1.0)
+    itemsize = {n: 4 for n in space.candidates}
+    first = solve(space, baseline, limits, "latency", 2.0, itemsize)
+    second = solve(space, baseline, limits, "latency", 2.0, itemsize, exclude=[first])
+    assert second is not None and any(second[n] is not first[n] for n in first)
+
+
+def test_dominated_keeps_dense_and_drops_worse_on_every_key():
+    a = Candidate("l", Choice("svd", {"rank": 1}), params=10, flops=10, error=0.5)
+    b = Candidate("l", Choice("svd", {"rank": 2}), params=20, flops=20, error=0.6)   # worse everywhere
+    c = Candidate("l", Choice("svd", {"rank": 3}), params=5, flops=30, error=0.4)    # trade-off
+    d = Candidate("l", DENSE, params=100, flops=100, error=0.0)
+    assert dominated([a, b, c, d], ("params", "flops", "error")) == [b]
+
+
+def test_misses_name_each_limit_with_the_reached_value():
+    baseline = Baseline(latency=2e-3, bytes=1000, flops=500, metric=95.0)
+    limits = Limits(latency=1e-3, bytes=600, flops=None, accuracy_drop=1.0)
+    v = Verified(latency=1.5e-3, baseline_latency=2e-3, metric=93.0, bytes=700, flops=300)
+    m = misses(v, baseline, limits)
+    assert set(m) == {"latency", "memory", "accuracy drop"}
+    assert m["latency"] == (pytest.approx(1.5e-3), 1e-3)
+    assert m["accuracy drop"] == (pytest.approx(2.0), 1.0)
+
+
+def test_choose_bisects_the_error_budget_until_accuracy_holds():
+    """A verifier whose metric falls with the summed layer error: choose must come back
+    under the accuracy limit within 6 verifications and keep the fastest such plan."""
+    space = random_space(np.random.default_rng(7), layers=3, per_layer=5)
+    baseline = Baseline(10.0, 100_000, 200_000, 90.0)
+    itemsize = {n: 4 for n in space.candidates}
+    dense = {n: c[0] for n, c in space.candidates.items()}
+    limits = Limits.resolve(Constraints.parse(max_accuracy_drop="1"), baseline)
+    calls = []
+
+    def verify(choices):
+        e = estimate(choices, dense, baseline, itemsize)
+        calls.append(e)
+        return Verified(e.latency, baseline.latency, baseline.metric - 4.0 * e.error, e.bytes, e.flops)
+
+    result = choose(space, baseline, limits, "latency", itemsize, verify)
+    assert 1 <= len(calls) <= 6
+    assert result.feasible
+    assert baseline.metric - result.verified.metric <= 1.0 + 1e-9
+    # every verified plan within its error budget, budgets inside the fixed range [1e-3 n, n]
+    for step in result.steps:
+        assert step.estimate.error <= step.error_budget + 1e-12
+        assert 1e-3 * 3 <= step.error_budget <= 3
+
+
+def test_choose_reports_infeasible_with_the_nearest_plan():
+    space = random_space(np.random.default_rng(1))
+    baseline = Baseline(10.0, 100_000, 200_000, 90.0)
+    itemsize = {n: 4 for n in space.candidates}
+    dense = {n: c[0] for n, c in space.candidates.items()}
+    limits = Limits(latency=0.5, bytes=None, flops=None, accuracy_drop=1.0)
+
+    def verify(choices):
+        e = estimate(choices, dense, baseline, itemsize)
+        return Verified(e.latency, baseline.latency, baseline.metric, e.bytes, e.flops)
+
+    result = choose(space, baseline, limits, "latency", itemsize, verify)
+    assert not result.feasible
+    assert "latency" in result.misses
+    reached, limit = result.misses["latency"]
+    assert reached > limit == 0.5
