@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import sensitivity as sens
 from . import calibrate, data as data_mod, layers as layers_mod, metrics, model as model_mod, profile, report, search, space as space_mod
 from .constraints import Constraints, METRICS, format_bytes, format_flops, format_seconds
 from .errors import UserError
@@ -164,9 +165,7 @@ def apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=No
         calib, evaluation = _dataset(prep.loaded, data, calib_samples, seed)
         if mode != "plain":
             stats = calibrate.collect(prep.loaded, [prep.layers[n] for n in plan.rewritten()], calib)
-    factors = space_mod.Factors(prep.layers, stats, mode)
-    factor_map = {n: factors.factors(prep.layers[n], c) for n, c in plan.rewritten().items()}
-    new = rewrite_model(prep.loaded.proto, prep.layers, plan, factor_map)
+    new = _rewrite(prep, space_mod.Factors(prep.layers, stats, mode), plan)
     files = model_mod.write_model(new, out, external=prep.loaded.external_data)
     summary = _summary(prep, plan, new)
     summary["notes"] = notes
@@ -245,6 +244,7 @@ class _Explored:
     itemsize: dict[str, int]
     engine_cache: Path | None
     timing: profile.Budget
+    sensitivity: dict = field(default_factory=dict)   # layer -> [(layer error, metric drop)] probed
 
 
 def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
@@ -299,11 +299,23 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
                                          opset=max(prep.loaded.opset, 13), engine_cache=engine_cache,
                                          on_candidate=lambda _: advance(), warn=log.warning,
                                          keys=_pareto_keys(constraints), prune=not exhaustive)
-    if sensitivity:
-        log.warning("--sensitivity is not implemented yet: the summed layer error is used as is")
     itemsize = {n: l.dtype.itemsize for n, l in prep.layers.items()}
-    return _Explored(prep, constraints, provider, threads, mode, metric, output, calib, evaluation, factors,
-                     space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget())
+    ex = _Explored(prep, constraints, provider, threads, mode, metric, output, calib, evaluation, factors,
+                   space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget())
+    if sensitivity:
+        total = sum(len(sens.probes(space, n)) for n in space.candidates)
+        with progress.task("layer sensitivity", total) as advance:
+            space.error_scale, ex.sensitivity = sens.error_scales(
+                space, lambda name, cand: base_metric - _score(ex, {name: cand}), on_probe=advance)
+    return ex
+
+
+def _score(ex: _Explored, choices: dict) -> float:
+    """The metric of the model rewritten by these choices, on the evaluation samples (CPU)."""
+    _, new = _build(ex, choices)
+    session = create_session(new, "CPUExecutionProvider", ex.threads)
+    result = metrics.outputs(session, ex.evaluation, ex.prep.loaded, ex.output)
+    return metrics.score(ex.metric, result, ex.reference, ex.evaluation.labels)
 
 
 def _pareto_keys(constraints: Constraints) -> tuple[str, ...]:
@@ -318,8 +330,14 @@ def _pareto_keys(constraints: Constraints) -> tuple[str, ...]:
 
 def _build(ex: _Explored, choices: dict) -> tuple[Plan, onnx.ModelProto]:
     plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256)
-    factor_map = {n: ex.factors.factors(ex.prep.layers[n], c) for n, c in plan.rewritten().items()}
-    return plan, rewrite_model(ex.prep.loaded.proto, ex.prep.layers, plan, factor_map)
+    return plan, _rewrite(ex.prep, ex.factors, plan)
+
+
+def _rewrite(prep: _Prepared, factors: space_mod.Factors, plan: Plan) -> onnx.ModelProto:
+    layers, factor_map = dict(prep.layers), {}
+    for name, choice in plan.rewritten().items():
+        layers[name], factor_map[name] = factors.rewrite_inputs(prep.layers[name], choice)
+    return rewrite_model(prep.loaded.proto, layers, plan, factor_map)
 
 
 AB_ROUNDS = 3
@@ -369,6 +387,7 @@ def _report(ex: _Explored, path, status, chosen: dict, verified: search.Verified
         "baseline": {"latency_s": b.latency, "bytes": b.bytes, "flops": b.flops, "metric": b.metric,
                      "params": params_total},
         "stages": stages, "misses": misses,
+        "sensitivity": {n: {"scale": ex.space.error_scale.get(n, 1.0), "probes": p} for n, p in ex.sensitivity.items()},
         "plan": plan.to_json() if plan else None,
         "verifications": [_step_row(ex, s) for s in steps if s.verified is not None],
         "candidates": report.candidate_rows(ex.space, chosen),
@@ -411,7 +430,7 @@ def explore(path, prefix, *, force=False, progress: Progress | None = None, **op
     plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256)
     data = _report(ex, path, "explored" if choices else "infeasible", choices, None, [], [], plan)
     if choices:
-        e = search.estimate(choices, _dense(ex.space), ex.baseline, ex.itemsize)
+        e = search.estimate(choices, _dense(ex.space), ex.baseline, ex.itemsize, ex.space.error_scale)
         data["estimate"] = {"latency_s": e.latency, "bytes": e.bytes, "flops": e.flops, "summed_layer_error": e.error}
     files = _write_reports(paths, data)
     return Result(data["status"] if choices else "infeasible", plan, data, files)

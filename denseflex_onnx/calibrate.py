@@ -6,6 +6,7 @@ of |x| are kept (float64), never the activations themselves.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,19 @@ class LayerStats:
     total: np.ndarray       # sum of x [K]
     total_abs: np.ndarray   # sum of |x| [K]
     count: int              # vectors seen
+
+    @functools.cached_property
+    def eigen(self) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues (descending, clipped at 0) and eigenvectors of X^T X, computed once."""
+        values, vectors = np.linalg.eigh(self.gram)
+        order = np.argsort(values)[::-1]
+        return np.maximum(values[order], 0.0), vectors[:, order]
+
+    def sketch(self, rows: int | None = None) -> np.ndarray:
+        """X~ [rows, K] with X~^T X~ = X^T X (exactly, or its leading directions when rows < K)."""
+        values, vectors = self.eigen
+        rows = len(values) if rows is None else min(rows, len(values))
+        return np.sqrt(values[:rows])[:, None] * vectors[:, :rows].T
 
     @property
     def mean(self) -> np.ndarray:

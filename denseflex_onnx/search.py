@@ -94,12 +94,13 @@ def layer_bytes(layer, cand: Candidate) -> int:
 
 
 def estimate(choices: dict[str, Candidate], dense: dict[str, Candidate], baseline: Baseline,
-             itemsize: dict[str, int]) -> Estimate:
+             itemsize: dict[str, int], error_scale: dict[str, float] | None = None) -> Estimate:
     """The model's figures predicted from layer deltas against dense."""
+    scale = error_scale or {}
     lat = baseline.latency + sum(c.latency - dense[n].latency for n, c in choices.items())
     mem = baseline.bytes + sum((c.params - dense[n].params) * itemsize[n] for n, c in choices.items())
     flops = baseline.flops + sum(c.flops - dense[n].flops for n, c in choices.items())
-    return Estimate(lat, mem, flops, sum(c.error for c in choices.values()))
+    return Estimate(lat, mem, flops, sum(c.error * scale.get(n, 1.0) for n, c in choices.items()))
 
 
 def solve(space: Space, baseline: Baseline, limits: Limits, objective: str, error_budget: float,
@@ -118,7 +119,7 @@ def solve(space: Space, baseline: Baseline, limits: Limits, objective: str, erro
     lat = np.array([c.latency - dense[n].latency for n, c in cands])
     mem = np.array([(c.params - dense[n].params) * itemsize[n] for n, c in cands], dtype=float)
     flops = np.array([c.flops - dense[n].flops for n, c in cands], dtype=float)
-    err = np.array([c.error for _, c in cands])
+    err = np.array([space.weighted_error(c) for _, c in cands])
     params = np.array([c.params for _, c in cands], dtype=float)
 
     primary = {"latency": lat, "memory": mem, "flops": flops, "accuracy": err}[objective]
@@ -217,7 +218,7 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
             budget = _between(lo, hi)
             continue
         key = tuple(sorted((n, c.spec) for n, c in choices.items()))
-        step = Step(budget, latency_budget, choices, estimate(choices, dense, baseline, itemsize))
+        step = Step(budget, latency_budget, choices, estimate(choices, dense, baseline, itemsize, space.error_scale))
         if key in seen:
             step.verified, step.misses = seen[key].verified, seen[key].misses
         else:
@@ -248,7 +249,7 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
         nearest = min(steps, key=lambda s: _miss_score(s.misses))
     else:
         choices = closest(space, baseline, limits, itemsize, hi)
-        nearest = Step(hi, None, choices, estimate(choices, dense, baseline, itemsize))
+        nearest = Step(hi, None, choices, estimate(choices, dense, baseline, itemsize, space.error_scale))
         nearest.verified = verify(choices)
         nearest.misses = misses(nearest.verified, baseline, limits) or {"constraints": (1.0, 0.0)}
         steps.append(nearest)

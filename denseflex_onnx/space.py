@@ -8,6 +8,7 @@ Pruning, counted stage by stage as in Denseflex:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -52,6 +53,12 @@ class Candidate:
 class Space:
     candidates: dict[str, list[Candidate]]        # by layer; the dense candidate first
     stage_counts: dict[str, int] = field(default_factory=dict)
+    # how much a unit of this layer's error costs end to end, relative to the others (--sensitivity)
+    error_scale: dict[str, float] = field(default_factory=dict)
+
+    def weighted_error(self, cand: Candidate) -> float:
+        """The layer error the solver adds up."""
+        return cand.error * self.error_scale.get(cand.layer, 1.0)
 
     def alive(self, layer: str) -> list[Candidate]:
         return [c for c in self.candidates[layer] if c.dropped is None]
@@ -104,6 +111,22 @@ class Factors:
         return module.factorize(layer, choice.config, self.stats.get(layer.name),
                                 self.decomposition(layer, choice.method, max_rank), self.mode)
 
+    def rewrite_inputs(self, layer: Layer, choice: Choice) -> tuple[Layer, list[np.ndarray]]:
+        """The factors, and the layer as its rewrite should see it.
+
+        In the data-aware modes the bias is corrected: shifted by the mean output difference
+        on the calibration data, mean(x) @ (W - W'), so the factorized layer is unbiased
+        there. Plain plans stay reproducible without data, so they get no correction.
+        """
+        factors = self.factors(layer, choice)
+        stats = self.stats.get(layer.name)
+        if self.mode == "plain" or stats is None or layer.side == "left":
+            return layer, factors
+        approx = PASSES[choice.method].reconstruct(layer, factors)
+        shift = stats.mean @ _as_matrix(layer, layer.weight.astype(np.float64) - approx)
+        bias = shift if layer.bias is None else layer.bias.astype(np.float64) + shift
+        return dataclasses.replace(layer, bias=bias.astype(layer.dtype)), factors
+
     def error(self, layer: Layer, choice: Choice, max_rank: int | None = None) -> float:
         """Relative output error ||X W - X W'|| / ||X W|| on the calibration activations."""
         if choice.method == "dense":
@@ -121,11 +144,7 @@ class Factors:
         if layer.name not in self._sketches:
             stats = self.stats.get(layer.name)
             k = _as_matrix(layer, layer.weight).shape[0]
-            if stats is None:
-                sketch = np.eye(k)
-            else:
-                values, vectors = np.linalg.eigh(stats.gram)
-                sketch = np.sqrt(np.maximum(values, 0))[:, None] * vectors.T
+            sketch = np.eye(k) if stats is None else stats.sketch()
             reference = float(np.linalg.norm(sketch @ _as_matrix(layer, layer.weight.astype(np.float64))))
             self._sketches[layer.name] = (sketch, reference)
         return self._sketches[layer.name]

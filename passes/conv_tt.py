@@ -82,11 +82,44 @@ def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain"
     g1, g2, g3 = tensor_train(tl.tensor(tensor), rank=[1, r1, r2, 1], svd=partial_svd)
     g1, g2, g3 = (np.asarray(g) for g in (g1, g2, g3))
     r1, r2 = g1.shape[-1], g2.shape[-1]       # tensorly caps ranks at what the shape allows
+    m2, c3 = g2.reshape(r1 * kk, r2), g3[..., 0]
+    if mode != "plain" and stats is not None:
+        m2, c3 = refit(g1[0], m2, c3, kk, stats.gram, layer.weight.reshape(cout, -1).T.astype(np.float64))
     ones = [1] * len(spatial)
     first = g1[0].T.reshape(r1, cin, *ones)
-    middle = g2.transpose(2, 0, 1).reshape(r2, r1, *spatial)
-    last = g3[..., 0].T.reshape(cout, r2, *ones)
+    middle = m2.reshape(r1, kk, r2).transpose(2, 0, 1).reshape(r2, r1, *spatial)
+    last = c3.T.reshape(cout, r2, *ones)
     return [k.astype(layer.dtype) for k in (first, middle, last)]
+
+
+ALS_SWEEPS = 3
+
+
+def refit(g1: np.ndarray, m2: np.ndarray, c3: np.ndarray, kk: int, gram: np.ndarray, w: np.ndarray):
+    """Alternating least squares of the middle and last cores on the calibration patches:
+    minimize ||X W - X E1 M2 C3|| with E1 = G1 (x) I_kk fixed, X^T X = gram. Each step is an
+    exact least-squares solve, so the error never grows; the best sweep is kept."""
+    e1 = np.kron(g1, np.eye(kk))                              # [Cin*kk, r1*kk]
+    ridge = 1e-9 * max(float(np.trace(gram)) / len(gram), 1e-30)
+
+    def objective(m, c):
+        d = w - e1 @ m @ c
+        return float(np.sum(d * (gram @ d)))
+
+    def solve(a, b):
+        return np.linalg.solve(a + ridge * np.eye(len(a)), b)
+
+    best = (objective(m2, c3), m2, c3)
+    hgh = e1.T @ gram @ e1
+    hgw = e1.T @ gram @ w
+    for _ in range(ALS_SWEEPS):
+        z = e1 @ m2
+        c3 = solve(z.T @ gram @ z, z.T @ gram @ w)
+        m2 = solve(hgh, hgw @ c3.T) @ np.linalg.pinv(c3 @ c3.T)
+        value = objective(m2, c3)
+        if value < best[0]:
+            best = (value, m2, c3)
+    return best[1], best[2]
 
 
 def reconstruct(layer, factors) -> np.ndarray:

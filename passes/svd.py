@@ -111,6 +111,9 @@ def decompose_matrix(w: np.ndarray, stats=None, max_rank: int | None = None,
 
 def cholesky_root(gram: np.ndarray) -> np.ndarray | None:
     """Lower L with L L^T = X^T X + a small ridge; None (plain SVD then) if it fails."""
+    if not np.all(np.isfinite(gram)):
+        log.warning("calibration activations hold NaN or inf: plain SVD for this layer")
+        return None
     ridge = 1e-6 * max(float(np.trace(gram)) / len(gram), 1e-12)
     for scale in (1, 100, 10000):
         try:

@@ -123,8 +123,92 @@ def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain"
     interleaved = w.transpose([i for t in range(d) for i in (t, d + t)])
     tensor = interleaved.reshape([k * n for k, n in zip(ins, outs)])
     cores = tensor_train(tl.tensor(tensor), rank=[1, *ranks, 1], svd=decomposition or partial_svd)
-    return [np.asarray(core).reshape(core.shape[0], k, n, core.shape[-1]).astype(layer.dtype)
-            for core, k, n in zip(cores, ins, outs)]
+    cores = [np.asarray(core).reshape(core.shape[0], k, n, core.shape[-1]) for core, k, n in zip(cores, ins, outs)]
+    if mode != "plain" and stats is not None:
+        cores = refit(cores, layer.weight.astype(np.float64), stats)
+    return [core.astype(layer.dtype) for core in cores]
+
+
+ALS_SWEEPS = 2
+# bounds on each least-squares step (design columns, and rows x columns), so a sweep takes
+# well under a second; a core too wide for them keeps its TT-SVD values
+MAX_UNKNOWNS = 512
+MAX_DESIGN = 2_000_000
+
+
+def refit(cores: list[np.ndarray], w: np.ndarray, stats) -> list[np.ndarray]:
+    """Alternating least squares of the first and last cores on the calibration activations:
+    minimize ||X W - X W_tt|| with the other cores fixed (for d = 2, every core). X is
+    represented by a sketch X~ (X~^T X~ = X^T X, its leading directions when that is too
+    big); each step is an exact solve, and the best sweep is kept."""
+    k, n = w.shape
+    r_last, k_last, n_last = cores[-1].shape[:3]
+    k_first, n_first, r_first = cores[0].shape[1], cores[0].shape[2], cores[0].shape[-1]
+    unknowns = max(r_last * k_last, k_first * r_first)
+    rows_per_sample = max(n // n_last, n // n_first)
+    if unknowns > MAX_UNKNOWNS:
+        return cores
+    sketch = stats.sketch(max(1, min(k, MAX_DESIGN // (unknowns * rows_per_sample))))     # [m, K]
+    target = sketch @ w
+
+    def error(cs):
+        return float(np.linalg.norm(target - sketch @ reconstruct_cores(cs)))
+
+    best = (error(cores), [c.copy() for c in cores])
+    for _ in range(ALS_SWEEPS):
+        cores = _refit_last(cores, sketch, target)
+        cores = _refit_first(cores, sketch, target)
+        value = error(cores)
+        if value < best[0]:
+            best = (value, [c.copy() for c in cores])
+    return best[1]
+
+
+def _lstsq(design: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Least squares by the normal equations (few unknowns, many rows), lightly regularized."""
+    gram = design.T @ design
+    ridge = 1e-10 * max(float(np.trace(gram)) / len(gram), 1e-30)
+    return np.linalg.solve(gram + ridge * np.eye(len(gram)), design.T @ rhs)
+
+
+def _refit_last(cores, sketch, target):
+    d, m = len(cores), sketch.shape[0]
+    k_last, n_last, r = cores[-1].shape[1], cores[-1].shape[2], cores[-1].shape[0]
+    head = reconstruct_head(cores[:-1])                           # [K<, N<, r]
+    x = sketch.reshape(m, -1, k_last)                             # [m, K<, k_d]
+    design = np.tensordot(x, head, axes=([1], [0])).transpose(0, 2, 3, 1).reshape(-1, r * k_last)
+    rhs = target.reshape(m, head.shape[1], n_last).reshape(-1, n_last)
+    last = _lstsq(design, rhs).reshape(r, k_last, n_last, 1)
+    return cores[:-1] + [last]
+
+
+def _refit_first(cores, sketch, target):
+    m = sketch.shape[0]
+    k_first, n_first, r = cores[0].shape[1], cores[0].shape[2], cores[0].shape[-1]
+    tail = reconstruct_tail(cores[1:])                            # [r, K>, N>]
+    x = sketch.reshape(m, k_first, -1)                            # [m, k1, K>]
+    design = np.tensordot(x, tail, axes=([2], [1])).transpose(0, 3, 1, 2).reshape(-1, k_first * r)
+    rhs = target.reshape(m, n_first, tail.shape[2]).transpose(0, 2, 1).reshape(-1, n_first)
+    first = _lstsq(design, rhs).reshape(k_first, r, n_first).transpose(0, 2, 1)[None]
+    return [first] + cores[1:]
+
+
+def reconstruct_head(cores) -> np.ndarray:
+    """Cores 1..t contracted: [k1..kt, n1..nt, r_t] as [K_head, N_head, r_t]."""
+    full = cores[0][0]                                            # [k1, n1, r1]
+    for core in cores[1:]:
+        full = np.tensordot(full, core, axes=([2], [0])).transpose(0, 2, 1, 3, 4)   # [(K), kt, (N), nt, r]
+        full = full.reshape(full.shape[0] * full.shape[1], full.shape[2] * full.shape[3], full.shape[4])
+    return full
+
+
+def reconstruct_tail(cores) -> np.ndarray:
+    """Cores t..d contracted: [r_{t-1}, K_tail, N_tail]."""
+    full = cores[-1][..., 0]                                      # [r, kd, nd]
+    for core in reversed(cores[:-1]):
+        full = np.tensordot(core, full, axes=([3], [0])).transpose(0, 1, 3, 2, 4)   # [r, k, (K), n, (N)]
+        full = full.reshape(full.shape[0], full.shape[1] * full.shape[2], full.shape[3] * full.shape[4])
+    return full
 
 
 def reconstruct(layer, factors) -> np.ndarray:

@@ -134,3 +134,31 @@ def test_missing_provider_lists_installed_ones(small_mlp, tmp_path, provider, ex
     assert r.returncode == 2
     assert expect in r.stderr and "CPUExecutionProvider" in r.stderr
     assert not list(tmp_path.glob("o*"))
+
+
+def test_sensitivity_probes_each_layer_and_never_evaluates_on_calibration_samples(tmp_path):
+    result = denseflex_onnx.optimize(MLP, latency="-30%", data=MLP_DATA, sensitivity=True, calib_samples=100,
+                                     cache_dir=tmp_path / "c", timing=FAST)
+    report = result.report
+    assert report["samples"] == {"calibration": 100, "evaluation": 900, "synthetic": False}
+    sens = report["sensitivity"]
+    # the 512x10 head may have no candidate left to probe: none is faster than dense there
+    assert {"/0/Gemm", "/2/Gemm", "/4/Gemm"} <= set(sens) <= {"/0/Gemm", "/2/Gemm", "/4/Gemm", "/6/Gemm"}
+    for entry in sens.values():
+        assert entry["scale"] > 0 and 1 <= len(entry["probes"]) <= 3
+    # scales are normalized to a mean of 1 over the layers whose probes lost accuracy
+    assert max(e["scale"] for e in sens.values()) >= 1.0
+    assert result.feasible and result.report["result"]["metric_drop"] <= 1.0
+
+
+def test_whitened_beats_plain_at_the_same_constraint_on_the_mlp(tmp_path):
+    """The data-aware default keeps more accuracy than factorizing the weights alone."""
+    runs = {}
+    for mode in ("plain", "whitened"):
+        runs[mode] = denseflex_onnx.explore(MLP, tmp_path / mode, data=MLP_DATA, factorization=mode, layer_specs=[
+            "/0/Gemm=svd:16", "/2/Gemm=svd:16", "/4/Gemm=svd:16"], cache_dir=tmp_path / "c", timing=FAST,
+            latency=None, memory=None, flops=None, max_accuracy_drop=None, objective="latency", metric=None,
+            output=None, provider="cpu", threads=1, calib_samples=128, sensitivity=False, time_budget=None,
+            no_cache=False, seed=0, exclude=["/6/Gemm"], input_shapes=None)
+    errors = {m: sum(row["error"] for row in r.report["candidates"] if row["chosen"]) for m, r in runs.items()}
+    assert errors["whitened"] < 0.5 * errors["plain"]

@@ -1,0 +1,54 @@
+"""Layer sensitivity (--sensitivity): what a unit of each layer's error costs end to end.
+
+The summed layer error is a proxy: an error in one layer may cost far more accuracy than
+the same error in another. Factorizing one layer at a time at a few ranks and measuring the
+metric drop gives each layer a slope (points lost per unit of layer error, least squares
+through the origin); the solver then adds up errors weighted by these slopes, normalized
+to a mean of 1 so the error-budget range stays the same.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .space import Candidate, Space
+
+MIN_SLOPE_SHARE = 0.05      # a layer that seems insensitive still counts a little: probes are few
+
+
+TARGET_ERRORS = (0.03, 0.1, 0.3)   # where metric drops are measurable and plans usually sit
+
+
+def probes(space: Space, name: str) -> list[Candidate]:
+    """The layer's candidates nearest (in log scale) to each target error, without repeats."""
+    cands = [c for c in space.alive(name) if not c.is_dense and c.error > 0]
+    picked: list[Candidate] = []
+    for target in TARGET_ERRORS:
+        if cands:
+            best = min(cands, key=lambda c: (abs(np.log(c.error / target)), c.params))
+            if best not in picked:
+                picked.append(best)
+    return picked
+
+
+def error_scales(space: Space, drop_of: Callable[[str, Candidate], float], on_probe=None) -> tuple[dict, dict]:
+    """Per layer: the normalized slope, and the (error, drop) probes it came from."""
+    slopes, measured = {}, {}
+    for name in sorted(space.candidates):
+        points = []
+        for cand in probes(space, name):
+            points.append((cand.error, drop_of(name, cand)))
+            if on_probe:
+                on_probe()
+        if points:
+            e = np.array([p[0] for p in points])
+            d = np.maximum(np.array([p[1] for p in points]), 0.0)
+            slopes[name] = float(e @ d / (e @ e))
+            measured[name] = points
+    if not slopes:
+        return {}, measured
+    positive = [s for s in slopes.values() if s > 0]
+    mean = float(np.mean(positive)) if positive else 1.0
+    floor = MIN_SLOPE_SHARE * mean
+    return {n: max(s, floor) / mean for n, s in slopes.items()}, measured

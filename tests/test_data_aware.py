@@ -1,0 +1,147 @@
+"""Data-aware factorization: whitened and scaled SVD, bias correction, sensitivity, fallbacks."""
+import logging
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from denseflex_onnx.calibrate import LayerStats
+from denseflex_onnx.layers import Layer
+from denseflex_onnx.passes import svd
+from denseflex_onnx.plan import Choice
+from denseflex_onnx.space import Factors
+
+
+def correlated_inputs(rng, rows, k, decay):
+    """Activations whose channels are correlated and unevenly scaled, as real ones are."""
+    mix = rng.standard_normal((k, k)) * np.exp(-np.arange(k) / (decay * k))[None, :]
+    return rng.standard_normal((rows, k)) @ mix.T + 0.5 * rng.standard_normal(k)
+
+
+def stats_of(x):
+    return LayerStats(x.T @ x, x.sum(axis=0), np.abs(x).sum(axis=0), len(x))
+
+
+def dense_layer(w, bias=None):
+    k, n = w.shape
+    return Layer(name="fc", op="MatMul", input="x", output="y", node_outputs=("y",), weight=w.astype(np.float32),
+                 bias=None if bias is None else bias.astype(np.float32), activation_shape=(1, k),
+                 output_shape=(1, n), params=w.size, flops=2 * k * n)
+
+
+def output_error(x, w, a, b):
+    """||X W - X A B|| / ||X W||, computed directly on the activations."""
+    return np.linalg.norm(x @ w - (x @ a) @ b) / np.linalg.norm(x @ w)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(k=st.integers(4, 40), n=st.integers(4, 40), decay=st.floats(0.05, 1.0), seed=st.integers(0, 10_000))
+def test_whitened_output_error_is_at_most_plain_at_every_rank(k, n, decay, seed):
+    rng = np.random.default_rng(seed)
+    x = correlated_inputs(rng, 3 * k + 5, k, decay)
+    w = rng.standard_normal((k, n))
+    stats = stats_of(x)
+    plain = svd.decompose_matrix(w, stats, None, "plain")
+    white = svd.decompose_matrix(w, stats, None, "whitened")
+    for rank in range(1, min(k, n) + 1):
+        e_plain = output_error(x, w, *svd.truncate(plain, rank))
+        e_white = output_error(x, w, *svd.truncate(white, rank))
+        assert e_white <= e_plain * (1 + 1e-6) + 1e-9
+        # and the closed-form error the solver uses is the real one
+        assert white.relative_error(rank) == pytest.approx(e_white, rel=1e-4, abs=1e-6)
+        assert plain.relative_error(rank) == pytest.approx(e_plain, rel=1e-4, abs=1e-6)
+
+
+def test_scaled_is_exact_at_full_rank_and_its_error_is_real():
+    rng = np.random.default_rng(0)
+    x = correlated_inputs(rng, 200, 24, 0.3)
+    w = rng.standard_normal((24, 16))
+    d = svd.decompose_matrix(w, stats_of(x), None, "scaled")
+    a, b = svd.truncate(d, 16)
+    np.testing.assert_allclose(a @ b, w, rtol=1e-8, atol=1e-8)
+    for rank in (2, 5, 9):
+        assert d.relative_error(rank) == pytest.approx(output_error(x, w, *svd.truncate(d, rank)), rel=1e-4)
+
+
+def test_singular_gram_is_regularized_and_nan_falls_back_to_plain(caplog):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 12))
+    x[:, 5] = 0.0                      # a dead channel
+    x[:, 7] = x[:, 3]                  # a duplicated one: X^T X is singular
+    w = rng.standard_normal((12, 8))
+    white = svd.decompose_matrix(w, stats_of(x), None, "whitened")
+    plain = svd.decompose_matrix(w, stats_of(x), None, "plain")
+    assert np.all(np.isfinite(white.u)) and white.untransform is not None
+    for rank in range(1, 9):
+        assert output_error(x, w, *svd.truncate(white, rank)) <= output_error(x, w, *svd.truncate(plain, rank)) + 1e-6
+    broken = stats_of(x)
+    broken.gram[0, 0] = np.nan
+    with caplog.at_level(logging.WARNING, logger="denseflex_onnx"):
+        fallback = svd.decompose_matrix(w, broken, None, "whitened")
+    assert fallback.untransform is None
+    assert "plain SVD" in caplog.text
+    np.testing.assert_allclose(fallback.s, np.linalg.svd(w, compute_uv=False), rtol=1e-10)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_correction_removes_the_mean_output_error(with_bias):
+    rng = np.random.default_rng(2)
+    x = correlated_inputs(rng, 400, 32, 0.2) + 3.0          # inputs with a large mean
+    w = rng.standard_normal((32, 24))
+    bias = rng.standard_normal(24) if with_bias else None
+    layer = dense_layer(w, bias)
+    factors = Factors({"fc": layer}, {"fc": stats_of(x)}, "whitened")
+    choice = Choice("svd", {"rank": 4})
+    corrected, (a, b) = factors.rewrite_inputs(layer, choice)
+    y = x @ w + (0 if bias is None else bias)
+    y_plain = x @ a @ b + (0 if bias is None else bias)
+    y_corrected = x @ a @ b + corrected.bias
+    mean_plain = np.abs((y - y_plain).mean(axis=0)).mean()
+    mean_corrected = np.abs((y - y_corrected).mean(axis=0)).mean()
+    assert mean_corrected < 1e-3 * max(mean_plain, 1e-12) + 1e-4
+    assert np.linalg.norm(y - y_corrected) <= np.linalg.norm(y - y_plain) + 1e-9
+    # plain plans are re-applied without data: no correction there
+    plain = Factors({"fc": layer}, {"fc": stats_of(x)}, "plain")
+    same, _ = plain.rewrite_inputs(layer, choice)
+    assert same is layer
+
+
+@pytest.mark.parametrize("k,n,ins,outs", [(64, 48, [8, 8], [6, 8]), (60, 48, [3, 4, 5], [4, 3, 4]),
+                                          (96, 64, [2, 3, 4, 4], [2, 2, 4, 4])])
+@pytest.mark.parametrize("bond", [2, 8])
+def test_tt_least_squares_sweeps_lower_the_output_error(k, n, ins, outs, bond):
+    from denseflex_onnx.passes import tt
+    rng = np.random.default_rng(k + bond)
+    x = correlated_inputs(rng, 300, k, 0.15)
+    w = rng.standard_normal((k, n))
+    layer = dense_layer(w)
+    config = {"in_modes": ins, "out_modes": outs, "ranks": tt.reachable_ranks(ins, outs, [bond] * (len(ins) - 1))}
+    errors = {}
+    for mode in ("plain", "whitened"):
+        cores = tt.factorize(layer, config, stats_of(x), tt.decompose(layer), mode)
+        assert [c.shape[-1] for c in cores[:-1]] == config["ranks"]      # the sweeps keep the shapes
+        approx = tt.reconstruct(layer, cores)
+        errors[mode] = np.linalg.norm(x @ (w - approx)) / np.linalg.norm(x @ w)
+    assert errors["whitened"] <= errors["plain"] + 1e-6
+
+
+@pytest.mark.parametrize("ranks", [[8, 8], [8, 16], [16, 16]])
+def test_conv_tt_least_squares_sweeps_lower_the_patch_error(ranks):
+    from denseflex_onnx.calibrate import im2col
+    from denseflex_onnx.passes import conv_tt
+    rng = np.random.default_rng(sum(ranks))
+    cin, cout = 16, 24
+    w = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
+    mix = rng.standard_normal((cin, cin)) * np.exp(-np.arange(cin) / 3)
+    x = np.einsum("bchw,dc->bdhw", rng.standard_normal((6, cin, 10, 10)), mix)
+    layer = Layer(name="c", op="Conv", input="x", output="y", node_outputs=("y",), weight=w, bias=None,
+                  activation_shape=x.shape, output_shape=(6, cout, 10, 10),
+                  attrs={"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1]})
+    patches = im2col(x, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1])
+    matrix = w.reshape(cout, -1).T.astype(np.float64)
+    errors = {}
+    for mode in ("plain", "whitened"):
+        kernels = conv_tt.factorize(layer, {"ranks": ranks}, stats_of(patches), None, mode)
+        approx = conv_tt.reconstruct(layer, kernels).reshape(cout, -1).T
+        errors[mode] = np.linalg.norm(patches @ (matrix - approx)) / np.linalg.norm(patches @ matrix)
+    assert errors["whitened"] < errors["plain"]
