@@ -129,11 +129,11 @@ def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain"
     return [core.astype(layer.dtype) for core in cores]
 
 
-ALS_SWEEPS = 2
+ALS_SWEEPS = 1
 # bounds on each least-squares step (design columns, and rows x columns), so a sweep takes
 # well under a second; a core too wide for them keeps its TT-SVD values
-MAX_UNKNOWNS = 512
-MAX_DESIGN = 2_000_000
+MAX_UNKNOWNS = 256
+MAX_DESIGN = 1_000_000
 
 
 def refit(cores: list[np.ndarray], w: np.ndarray, stats) -> list[np.ndarray]:
