@@ -432,17 +432,22 @@ def explore(path, prefix, *, force=False, progress: Progress | None = None, **op
     if choices:
         e = search.estimate(choices, _dense(ex.space), ex.baseline, ex.itemsize, ex.space.error_scale)
         data["estimate"] = {"latency_s": e.latency, "bytes": e.bytes, "flops": e.flops, "summed_layer_error": e.error}
-    files = _write_reports(paths, data)
+    files: list[Path] = []
+    with _all_or_nothing(files):
+        _write_reports(paths, data, files)
     return Result(data["status"] if choices else "infeasible", plan, data, files)
 
 
-def _write_reports(paths: dict, data: dict) -> list[Path]:
+def _write_reports(paths: dict, data: dict, written: list[Path]) -> None:
+    """report.json/.csv/.md and the Pareto plot; each path is added to `written` once it is there."""
     report.write_json(paths["json"], data)
+    written.append(paths["json"])
     report.write_csv(paths["csv"], data["candidates"])
-    from .model import atomic_write_bytes
-    atomic_write_bytes(paths["md"], report.markdown(data).encode())
+    written.append(paths["csv"])
+    model_mod.atomic_write_bytes(paths["md"], report.markdown(data).encode())
+    written.append(paths["md"])
     report.pareto_png(paths["png"], data)
-    return [paths["json"], paths["csv"], paths["md"], paths["png"]]
+    written.append(paths["png"])
 
 
 def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accuracy_drop=None,
@@ -478,23 +483,36 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
     result = Result(status, plan, data_out, [], misses)
     if paths is None:
         return result
-    external = ex.prep.loaded.external_data
-    if found.feasible:
-        result.files += model_mod.write_model(new, paths["model"], external)
-        report.write_json(paths["plan"], plan.to_json())
-        result.files.append(paths["plan"])
-        for k, alt in enumerate(_alternatives(ex, limits, found, top_k), start=1):
-            alt_model, alt_plan_path = report.alt_paths(paths["model"], k)
-            alt_plan, alt_new = _build(ex, alt)
-            result.files += model_mod.write_model(alt_new, alt_model, external)
-            report.write_json(alt_plan_path, alt_plan.to_json())
-            result.files.append(alt_plan_path)
-    else:
-        result.files += model_mod.write_model(new, paths["closest"], external)
-        report.write_json(paths["closest_plan"], plan.to_json())
-        result.files.append(paths["closest_plan"])
-    result.files += _write_reports(paths, data_out)
+    with _all_or_nothing(result.files):
+        external = ex.prep.loaded.external_data
+        if found.feasible:
+            result.files += model_mod.write_model(new, paths["model"], external)
+            report.write_json(paths["plan"], plan.to_json())
+            result.files.append(paths["plan"])
+            for k, alt in enumerate(_alternatives(ex, limits, found, top_k), start=1):
+                alt_model, alt_plan_path = report.alt_paths(paths["model"], k)
+                alt_plan, alt_new = _build(ex, alt)
+                result.files += model_mod.write_model(alt_new, alt_model, external)
+                report.write_json(alt_plan_path, alt_plan.to_json())
+                result.files.append(alt_plan_path)
+        else:
+            result.files += model_mod.write_model(new, paths["closest"], external)
+            report.write_json(paths["closest_plan"], plan.to_json())
+            result.files.append(paths["closest_plan"])
+        _write_reports(paths, data_out, result.files)
     return result
+
+
+@contextlib.contextmanager
+def _all_or_nothing(files: list[Path]):
+    """Outputs are a set: if writing stops half way (Ctrl-C, a full disk), remove what was written."""
+    try:
+        yield
+    except BaseException:
+        for path in files:
+            with contextlib.suppress(OSError):
+                Path(path).unlink()
+        raise
 
 
 def _alternatives(ex: _Explored, limits, found, k: int) -> list[dict]:
