@@ -7,6 +7,7 @@ of |x| are kept (float64), never the activations themselves.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ from .data import Dataset, feeds
 from .layers import Layer, explicit_pads
 from .model import LoadedModel
 from .runtime import create_session
+
+log = logging.getLogger("denseflex_onnx")
 
 
 @dataclass
@@ -80,6 +83,11 @@ def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
 def collect(model: LoadedModel, layers: list[Layer], data: Dataset, provider: str = "CPUExecutionProvider",
             threads: int = 1, on_chunk=None) -> dict[str, LayerStats]:
     """Runs the original model over `data` and accumulates each layer's input statistics."""
+    body = [layer.name for layer in layers if layer.scope]
+    if body:
+        log.warning("%d layer(s) inside If/Loop bodies: their activations cannot be captured, "
+                    "so they are factorized plainly (%s)", len(body), ", ".join(body[:3]))
+    layers = [layer for layer in layers if not layer.scope]
     if not layers or data.samples == 0:
         return {}
     tapped = onnx.ModelProto()

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from .errors import UserError
-from .model import LoadedModel, graph_inputs
+from .model import LoadedModel, graph_inputs, first_line
 
 log = logging.getLogger("denseflex_onnx")
 
@@ -50,7 +50,7 @@ def load_data(path: str | Path, model: LoadedModel) -> Dataset:
         with np.load(path, allow_pickle=False) as npz:
             raw = {k: npz[k] for k in npz.files}
     except Exception as exc:
-        raise UserError(f"--data {path}: not a readable .npz file ({str(exc).splitlines()[0][:120]})") from None
+        raise UserError(f"--data {path}: not a readable .npz file ({first_line(exc)})") from None
     types = _input_types(model)
     missing = [name for name in types if name not in raw]
     if missing:
@@ -62,7 +62,7 @@ def load_data(path: str | Path, model: LoadedModel) -> Dataset:
         if np.issubdtype(dtype, np.floating) != np.issubdtype(array.dtype, np.floating):
             raise UserError(f"--data {path}: array {name} is {array.dtype}, the input is {dtype}")
         array = array.astype(dtype, copy=False)
-        if all(d is not None for d in dims) and list(array.shape) == dims and dims[0] != 1:
+        if all(d is not None for d in dims) and list(array.shape) == dims and (not dims or dims[0] != 1):
             fixed[name] = array
             continue
         if array.ndim != len(dims) or any(d is not None and d != a for d, a in zip(dims[1:], array.shape[1:])):

@@ -6,6 +6,7 @@ Gemm's alpha and transB folded in, Identity/Cast/Transpose chains resolved.
 """
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 
@@ -45,6 +46,9 @@ class Layer:
     flops: int = 0
     params_share: float = 0.0
     flops_share: float = 0.0
+    # the way to the graph holding it: (first output of the control-flow node, body attribute)
+    # per level; empty for the main graph
+    scope: tuple = ()
 
     @property
     def dtype(self) -> np.dtype:
@@ -101,9 +105,11 @@ class _Graph:
         self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in graph.node:
-            # a control-flow node reads, through its bodies, every outer name they use
-            for i in {*n.input, *_names_read_by_subgraphs(n)}:
+            for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
+        # how many nodes read each name anywhere in the model, bodies included (names are
+        # unique across scopes): a weight read twice is shared, whichever graphs read it
+        self.readers: collections.Counter = outer.readers if outer is not None else _readers(graph)
         self.inits = {i.name: i for i in graph.initializer}
         self.graph_outputs = {o.name for o in graph.output}
 
@@ -143,17 +149,17 @@ class _Graph:
     def shared(self, tensor: str, chain: list[onnx.NodeProto]) -> bool:
         """Does anything besides this one path read the weight?"""
         names = [tensor] + [i for n in chain for i in n.input[:1]]
-        return any(len(self.consumers.get(t, [])) > 1 or t in self.graph_outputs for t in names)
+        return any(self.readers[t] > 1 or t in self.graph_outputs for t in names)
 
 
-def _names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for attr in node.attribute:
-        for _, sub in _subgraphs(attr):
-            for inner in sub.node:
-                names.update(inner.input)
-                names.update(_names_read_by_subgraphs(inner))
-    return names
+def _readers(graph: onnx.GraphProto) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for node in graph.node:
+        counts.update(set(node.input) - {""})
+        for attr in node.attribute:
+            for _, sub in _subgraphs(attr):
+                counts.update(_readers(sub))
+    return counts
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -204,35 +210,41 @@ def explicit_pads(input_shape, kernel, strides, dilations, auto_pad, pads):
 
 
 def find_layers(model: LoadedModel) -> Discovery:
-    """Every layer a pass could take, and every other weight-holding node with its reason."""
-    root = _Graph(model.proto.graph)
+    """Every layer a pass could take, and every other weight-holding node with its reason.
+
+    Layers inside If/Loop/Scan bodies are found too: their name carries the subgraph path
+    (`if_node/then_branch/fc`) and `scope` says how to reach the body. Their FLOPs count once,
+    however often a Loop runs its body.
+    """
     layers: list[Layer] = []
     skipped: list[Skipped] = []
-    names: set[str] = set()
-    total_flops = 0
-
-    for node in model.proto.graph.node:
-        name = _unique(node.name or node.output[0], names)
-        if node.op_type in QUANTIZED_OPS:
-            skipped.append(Skipped(name, node.op_type, "quantized op"))
-            continue
-        if node.op_type in FACTORIZABLE_OPS:
-            found = _layer(root, node, name, model.shapes)
-            if isinstance(found, Layer):
-                layers.append(found)
-                total_flops += found.flops
-            else:
-                skipped.append(Skipped(name, node.op_type, found))
-                total_flops += _node_flops(node, model.shapes)
-        for attr in node.attribute:
-            for sub_name, sub in _subgraphs(attr):
-                skipped.extend(_subgraph_layers(sub, f"{name}/{sub_name}", root))
-
+    _scan(_Graph(model.proto.graph), "", (), model.shapes, set(), layers, skipped)
+    total_flops = sum(l.flops for l in layers) + sum(
+        _node_flops(node, model.shapes) for node in model.proto.graph.node
+        if node.op_type in FACTORIZABLE_OPS and not any(l.node_outputs[0] == node.output[0] for l in layers))
     total_params = _count_params(model.proto)
     for layer in layers:
         layer.params_share = layer.params / total_params if total_params else 0.0
         layer.flops_share = layer.flops / total_flops if total_flops else 0.0
     return Discovery(layers, skipped, total_params, total_flops)
+
+
+def _scan(g: _Graph, prefix: str, scope: tuple, shapes, names: set[str], layers: list, skipped: list) -> None:
+    for node in g.graph.node:
+        name = _unique(prefix + (node.name or node.output[0]), names)
+        if node.op_type in QUANTIZED_OPS:
+            skipped.append(Skipped(name, node.op_type, "quantized op"))
+        elif node.op_type in FACTORIZABLE_OPS:
+            found = _layer(g, node, name, shapes)
+            if isinstance(found, Layer):
+                found.scope = scope
+                layers.append(found)
+            else:
+                skipped.append(Skipped(name, node.op_type, found))
+        for attr in node.attribute:
+            for sub_name, sub in _subgraphs(attr):
+                _scan(_Graph(sub, g), f"{name}/{sub_name}/", (*scope, (node.output[0], sub_name)), shapes,
+                      names, layers, skipped)
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -249,23 +261,6 @@ def _subgraphs(attr: onnx.AttributeProto):
     elif attr.type == onnx.AttributeProto.GRAPHS:
         for i, g in enumerate(attr.graphs):
             yield f"{attr.name}[{i}]", g
-
-
-def _subgraph_layers(graph: onnx.GraphProto, path: str, outer: _Graph) -> list[Skipped]:
-    index = _Graph(graph, outer)
-    found = []
-    for node in graph.node:
-        name = f"{path}/{node.name or node.output[0]}"
-        if node.op_type in FACTORIZABLE_OPS:
-            weight_input = node.input[1] if len(node.input) > 1 else ""
-            if index.constant(weight_input)[0] is not None or (
-                    node.op_type == "MatMul" and index.constant(node.input[0])[0] is not None):
-                found.append(Skipped(name, node.op_type,
-                                     "inside a control-flow body (If/Loop/Scan): not rewritten"))
-        for attr in node.attribute:
-            for sub_name, sub in _subgraphs(attr):
-                found.extend(_subgraph_layers(sub, f"{name}/{sub_name}", index))
-    return found
 
 
 def _layer(g: _Graph, node: onnx.NodeProto, name: str, shapes) -> Layer | str:
@@ -349,7 +344,7 @@ def _fused_bias(g, node, n, shapes):
     """A MatMul whose only reader is an Add of a constant [N] vector: one layer with a bias."""
     out = node.output[0]
     readers = g.consumers.get(out, [])
-    if len(readers) != 1 or out in g.graph_outputs or readers[0].op_type != "Add":
+    if len(readers) != 1 or g.readers[out] != 1 or out in g.graph_outputs or readers[0].op_type != "Add":
         return None
     add = readers[0]
     other = add.input[1] if add.input[0] == out else add.input[0]

@@ -87,21 +87,21 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and others
-        raise UserError(f"{path}: not an ONNX model or a truncated one ({_first_line(exc)})") from None
+        raise UserError(f"{path}: not an ONNX model or a truncated one ({first_line(exc)})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
         raise UserError(f"{path}: not an ONNX model (no graph or no IR version)")
     external = uses_external_data(model)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
-        raise UserError(f"{path}: its external weight data cannot be read ({_first_line(exc)})") from None
+        raise UserError(f"{path}: its external weight data cannot be read ({first_line(exc)})") from None
     try:
         if model.ByteSize() < PROTOBUF_LIMIT:
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise UserError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
+        raise UserError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
     return model, external
 
 
@@ -171,17 +171,30 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
         if fixed.ByteSize() < PROTOBUF_LIMIT:
             fixed = shape_inference.infer_shapes(fixed, data_prop=True)
     except Exception as exc:
-        log.warning("shape inference failed (%s); shapes will be measured", _first_line(exc))
+        log.warning("shape inference failed (%s); shapes will be measured", first_line(exc))
     shapes: dict[str, tuple[int, ...]] = {}
-    for info in [*fixed.graph.input, *fixed.graph.value_info, *fixed.graph.output]:
-        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
-            continue
-        dims = info.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[info.name] = tuple(d.dim_value for d in dims)
-    for init in fixed.graph.initializer:
-        shapes[init.name] = tuple(init.dims)
+    for graph in _graphs(fixed.graph):
+        for info in [*graph.input, *graph.value_info, *graph.output]:
+            if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+                continue
+            dims = info.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                shapes[info.name] = tuple(d.dim_value for d in dims)
+        for init in graph.initializer:
+            shapes[init.name] = tuple(init.dims)
     return shapes
+
+
+def _graphs(graph: onnx.GraphProto):
+    """The graph and every If/Loop/Scan body in it, depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
 
 
 def load(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None) -> LoadedModel:
@@ -218,7 +231,7 @@ def measure_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
                  for name, dtype in input_dtypes(session).items()}
         values = session.run(names, feeds)
     except Exception as exc:
-        log.warning("could not measure tensor shapes (%s); some layers may be skipped", _first_line(exc))
+        log.warning("could not measure tensor shapes (%s); some layers may be skipped", first_line(exc))
         return {}
     return {name: tuple(v.shape) for name, v in zip(names, values)}
 
@@ -241,7 +254,8 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line, for messages that must stay one line."""
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
 

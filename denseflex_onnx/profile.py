@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from .data import Dataset, feeds
-from .model import LoadedModel, atomic_write_bytes
+from .model import LoadedModel, atomic_write_bytes, first_line
 from .runtime import create_session, device_of, input_dtypes
 
 WARMUP_RUNS = 3
@@ -200,7 +200,7 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
                     measured[key] = None
                     cand.dropped = TIMING_FAILED
                     if warn:
-                        warn(f"timing {cand.layer} {cand.spec} failed: {str(exc).splitlines()[0][:200]}")
+                        warn(f"timing {cand.layer} {cand.spec} failed: {first_line(exc)}")
                     continue
             measured[key] = timing
         timing = measured[key]

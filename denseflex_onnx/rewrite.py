@@ -32,8 +32,8 @@ def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
         layer_factors = (factors or {}).get(name)
         if layer_factors is None:
             layer_factors = module.factorize(layer, choice.config, (stats or {}).get(name))
-        module.rewrite(graph, layer, layer_factors)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        module.rewrite(_body(graph, layer.scope), layer, layer_factors)
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort()
     exported = gs.export_onnx(graph, do_type_check=False)
 
     out = onnx.ModelProto()
@@ -43,6 +43,18 @@ def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
     out.ir_version = min(model.ir_version, max_ir_version())
     _set_metadata(out, {"denseflex_onnx.version": __version__, "denseflex_onnx.plan_sha256": plan.sha256()})
     return out
+
+
+def _body(graph: gs.Graph, scope: tuple) -> gs.Graph:
+    """The (sub)graph a layer lives in: follow (control-flow node output, body attribute) steps."""
+    for node_output, attr in scope:
+        node = next(n for n in graph.nodes if n.outputs and n.outputs[0].name == node_output)
+        if "[" in attr:                       # a GRAPHS attribute: name[i]
+            base, index = attr[:-1].split("[")
+            graph = node.attrs[base][int(index)]
+        else:
+            graph = node.attrs[attr]
+    return graph
 
 
 def _copy_header(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
@@ -98,6 +110,6 @@ def one_layer_model(layer: Layer, choice: Choice, factors: list[np.ndarray] | No
     model.ir_version = min(model.ir_version, max_ir_version())
     if choice.method == "dense":
         return model
-    local = dataclasses.replace(layer, input="x", output="y", node_outputs=tuple(n.output[0] for n in nodes))
+    local = dataclasses.replace(layer, input="x", output="y", node_outputs=tuple(n.output[0] for n in nodes), scope=())
     plan = Plan({layer.name: choice})
     return rewrite_model(model, {layer.name: local}, plan, {layer.name: factors} if factors else None)

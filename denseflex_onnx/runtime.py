@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import UserError
-from .model import PROTOBUF_LIMIT
+from .model import PROTOBUF_LIMIT, first_line
 
 log = logging.getLogger("denseflex_onnx")
 
@@ -60,7 +60,7 @@ def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "
     try:
         session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:
-        raise UserError(f"onnxruntime cannot load the model on {provider}: {str(exc).splitlines()[0][:300]}") from None
+        raise UserError(f"onnxruntime cannot load the model on {provider}: {first_line(exc)}") from None
     if session.get_providers()[0] != provider:
         raise UserError(f"provider {provider} is listed by onnxruntime but could not start (it fell back to "
                         f"{session.get_providers()[0]}); check its libraries, or pick another --provider")

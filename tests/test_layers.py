@@ -330,31 +330,31 @@ def test_weight_shared_by_two_nodes_skipped(tmp_path, via_identity):
     assert all("shared" in s.reason for s in found.skipped)
 
 
-def test_weights_inside_if_body_listed_with_subgraph_path(tmp_path):
+def test_weights_inside_if_body_are_layers_named_by_their_subgraph_path(tmp_path):
     _, found = discover(gx.if_model(), tmp_path, {"X": (2, 12)})
-    assert not found.layers
-    by_name = {s.name: s for s in found.skipped}
+    by_name = {l.name: l for l in found.layers}
     assert set(by_name) == {"ifnode/then_branch/mm_then", "ifnode/else_branch/mm_else"}
-    for s in by_name.values():
-        assert s.op == "MatMul" and "control-flow" in s.reason
+    assert by_name["ifnode/then_branch/mm_then"].scope == (("Y", "then_branch"),)
+    assert by_name["ifnode/else_branch/mm_else"].scope == (("Y", "else_branch"),)
+    for layer in by_name.values():
+        assert layer.op == "MatMul" and layer.weight.shape == (12, 10) and layer.activation_shape == (2, 12)
 
 
 def test_weights_inside_loop_and_nested_if_bodies(tmp_path):
     _, found = discover(gx.loop_model(), tmp_path, {"X": (2, 12)})
-    assert not found.layers
-    assert [(s.name, s.op) for s in found.skipped] == [("loop/body/mm_body", "MatMul")]
+    assert [(l.name, l.op, l.scope) for l in found.layers] == [("loop/body/mm_body", "MatMul", (("Ys", "body"),))]
     _, found = discover(gx.nested_if_model(), tmp_path, {"X": (2, 12), "Z": (2, 10)})
-    assert not found.layers
-    assert [s.name for s in found.skipped] == ["outer/then_branch/inner/then_branch/mm_deep"]
-    assert "control-flow" in found.skipped[0].reason
+    assert [l.name for l in found.layers] == ["outer/then_branch/inner/then_branch/mm_deep"]
+    assert len(found.layers[0].scope) == 2
 
 
 def test_weight_shared_with_an_if_body_is_not_a_layer(tmp_path):
     """W is read by mm_main and, from the outer scope, by a MatMul in the If body: shared."""
     _, found = discover(gx.if_model(main_reads_w=True), tmp_path, {"X": (2, 12)})
-    assert [l.name for l in found.layers] == []
-    main = [s for s in found.skipped if s.name == "mm_main"]
-    assert main and "shared" in main[0].reason
+    assert [l.name for l in found.layers] == ["ifnode/else_branch/mm_else"]     # V is its own
+    shared = {s.name: s.reason for s in found.skipped}
+    assert set(shared) == {"mm_main", "ifnode/then_branch/mm_then"}
+    assert all("shared" in reason for reason in shared.values())
 
 
 def test_dequantized_weight_into_gemm_skipped_as_quantized(tmp_path):
