@@ -166,10 +166,10 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
 
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Concrete shapes of every tensor onnx's shape inference can resolve at these input shapes."""
-    fixed = with_input_shapes(model, input_shapes)
+    fixed = with_input_shapes(without_big_data(model) if model.ByteSize() >= PROTOBUF_LIMIT else model,
+                              input_shapes)
     try:
-        if fixed.ByteSize() < PROTOBUF_LIMIT:
-            fixed = shape_inference.infer_shapes(fixed, data_prop=True)
+        fixed = shape_inference.infer_shapes(fixed, data_prop=True)
     except Exception as exc:
         log.warning("shape inference failed (%s); shapes will be measured", first_line(exc))
     shapes: dict[str, tuple[int, ...]] = {}
@@ -183,6 +183,38 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
         for init in graph.initializer:
             shapes[init.name] = tuple(init.dims)
     return shapes
+
+
+BIG_TENSOR = 1 << 26      # 64 MiB: tensors this big are weights, never shapes or indices
+
+
+def without_big_data(model: onnx.ModelProto, stubs: bool = True) -> onnx.ModelProto:
+    """A copy of the model without the data of its big initializers: with `stubs` they keep
+    their type and dims (enough for shape inference), else they are left out. Small enough
+    to serialize, which over 2 GB the model is not."""
+    skeleton = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, field, getattr(model, field))
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = skeleton.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    for init in model.graph.initializer:
+        if tensor_bytes(init) >= BIG_TENSOR:
+            if not stubs:
+                continue
+            stub = graph.initializer.add()
+            stub.name, stub.data_type = init.name, init.data_type
+            stub.dims.extend(init.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL      # no data here, by design
+            stub.external_data.add(key="location", value="stripped")
+        else:
+            graph.initializer.append(init)
+    return skeleton
 
 
 def _graphs(graph: onnx.GraphProto):
@@ -240,16 +272,16 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of constant tensors in the main graph: what `--memory` counts."""
     total = 0
     for init in model.graph.initializer:
-        total += _tensor_bytes(init)
+        total += tensor_bytes(init)
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
-                    total += _tensor_bytes(attr.t)
+                    total += tensor_bytes(attr.t)
     return total
 
 
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
     itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
@@ -304,13 +336,26 @@ def write_model(model: onnx.ModelProto, path: Path, external: bool = False) -> l
         atomic_write_bytes(path, model.SerializeToString())
         return [path]
     data_name = path.name + ".data"
-    model = copy.deepcopy(model)    # onnx.save_model moves the weights out of the proto it is given
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent or ".") as tmp:
-        onnx.save_model(model, os.path.join(tmp, path.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        save_external(model, os.path.join(tmp, path.name), data_name)
         os.replace(os.path.join(tmp, data_name), path.parent / data_name)
         os.replace(os.path.join(tmp, path.name), path)
     return [path, path.parent / data_name]
+
+
+def save_external(model: onnx.ModelProto, path: str, data_name: str) -> None:
+    """onnx.save_model with the weights in `data_name` beside `path`, leaving `model` whole.
+
+    onnx moves the weights out of the proto it saves: a small model is copied first; a big
+    one (a copy would double the memory) gets its weights read back from the file."""
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        model = copy.deepcopy(model)
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        return
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    onnx.load_external_data_for_model(model, os.path.dirname(path))
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:

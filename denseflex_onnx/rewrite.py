@@ -13,6 +13,8 @@ from .passes.chain import conv_geometry
 from . import __version__
 from .layers import Layer
 from .plan import Choice, Plan
+from . import model as model_io
+from .model import PROTOBUF_LIMIT, without_big_data
 from .runtime import max_ir_version
 
 
@@ -25,7 +27,10 @@ def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
     the IR version is capped at what onnxruntime reads; the tool version and plan hash are
     recorded in metadata_props.
     """
-    graph = gs.import_onnx(model)
+    # over 2 GB, the big initializers stay out of graphsurgeon's copy of the graph and are put
+    # back after it (those still read), so memory holds the model about twice, not four times
+    big = model.ByteSize() >= PROTOBUF_LIMIT
+    graph = gs.import_onnx(without_big_data(model, stubs=False) if big else model)
     for name, choice in sorted(plan.rewritten().items()):
         layer = layers[name]
         module = PASSES[choice.method]
@@ -37,8 +42,12 @@ def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
     exported = gs.export_onnx(graph, do_type_check=False)
 
     out = onnx.ModelProto()
-    out.CopyFrom(model) if model.ByteSize() < 2**31 - 1 else _copy_header(model, out)
+    out.CopyFrom(model) if not big else _copy_header(model, out)
     out.graph.CopyFrom(exported.graph)
+    if big:
+        read = {i for node in out.graph.node for i in node.input}
+        out.graph.initializer.extend(t for t in model.graph.initializer
+                                     if t.name in read and model_io.tensor_bytes(t) >= model_io.BIG_TENSOR)
     _keep_interface(model.graph, out.graph)
     out.ir_version = min(model.ir_version, max_ir_version())
     _set_metadata(out, {"denseflex_onnx.version": __version__, "denseflex_onnx.plan_sha256": plan.sha256()})

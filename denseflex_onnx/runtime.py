@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -50,21 +51,32 @@ def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "
     providers = [(provider, provider_options)]
     if provider != "CPUExecutionProvider":
         providers.append(("CPUExecutionProvider", {}))   # for nodes the device cannot run
-    if isinstance(model, onnx.ModelProto):
-        model = for_runtime(model)
-        source = model.SerializeToString() if model.ByteSize() < PROTOBUF_LIMIT else None
-        if source is None:
-            raise UserError("model over 2 GB in memory: save it with external data and load it by path")
-    else:
-        source = str(model)
     try:
-        session = ort.InferenceSession(source, options, providers=providers)
+        if isinstance(model, onnx.ModelProto) and model.ByteSize() >= PROTOBUF_LIMIT:
+            session = _session_by_path(model, options, providers)   # protobuf cannot hold it as bytes
+        else:
+            source = for_runtime(model).SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+            session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:
         raise UserError(f"onnxruntime cannot load the model on {provider}: {first_line(exc)}") from None
     if session.get_providers()[0] != provider:
         raise UserError(f"provider {provider} is listed by onnxruntime but could not start (it fell back to "
                         f"{session.get_providers()[0]}); check its libraries, or pick another --provider")
     return session
+
+
+def _session_by_path(model: onnx.ModelProto, options, providers) -> ort.InferenceSession:
+    """A model over 2 GB goes to onnxruntime as a file with external data, in a temporary folder."""
+    from .model import save_external
+    with tempfile.TemporaryDirectory(prefix="denseflex-big-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        ir = model.ir_version
+        model.ir_version = min(ir, max_ir_version())
+        try:
+            save_external(model, path, "model.onnx.data")
+        finally:
+            model.ir_version = ir
+        return ort.InferenceSession(path, options, providers=providers)
 
 
 @functools.lru_cache(maxsize=None)
