@@ -1,0 +1,92 @@
+"""`make bench`: every benchmark in one run, written to bench/RESULTS.md and bench/results.csv.
+
+Speed claims are ratios measured in one run, A and B interleaved (the machines are shared
+and noisy). Each benchmark gets a share of the time budget and says what it skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib
+import io
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# (module, seconds): 20 minutes on 2 cores in all, with room for start-up
+BENCHES = [("layers", 330.0), ("e2e", 480.0), ("search", 300.0)]
+
+
+def header(command: str, started: datetime.datetime, elapsed: float) -> str:
+    import numpy
+    import onnx
+    import onnxruntime
+    import scipy
+    import tensorly
+
+    from denseflex_onnx import __version__
+    from denseflex_onnx.profile import cpu_model
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "denseflex_onnx", "passes", "bench"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit, dirty = "unknown", ""
+    return "\n".join([
+        "# denseflex-onnx benchmarks", "",
+        "Written entirely by `make bench` (bench/run.py); do not edit by hand.", "",
+        "| | |", "|---|---|",
+        f"| commit | {commit}{' (uncommitted changes)' if dirty else ''} |",
+        f"| command | `{command}` |",
+        f"| date | {started.strftime('%Y-%m-%d %H:%M UTC')} ({elapsed / 60:.1f} min) |",
+        f"| machine | {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()} |",
+        f"| versions | denseflex-onnx {__version__}, Python {platform.python_version()}, onnxruntime "
+        f"{onnxruntime.__version__}, onnx {onnx.__version__}, numpy {numpy.__version__}, scipy {scipy.__version__}, "
+        f"tensorly {tensorly.__version__} |",
+        "| threads | 1 intra-op thread (the tool's default `--threads 1`) |", ""])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", help="run only these benchmarks (layers, e2e, search)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every time budget (0.2 for a quick look)")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")      # timings use one thread; so does numpy
+    sys.path.insert(0, str(ROOT))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t0 = time.monotonic()
+    sections, rows = [], []
+    for name, budget in BENCHES:
+        if args.only and name not in args.only:
+            continue
+        print(f"[bench] {name}: budget {budget * args.scale:.0f} s", flush=True)
+        t = time.monotonic()
+        module = importlib.import_module(f"bench.{name}")
+        result = module.run(budget * args.scale)
+        sections.append(result["markdown"].rstrip() + f"\n\n_{name}: {time.monotonic() - t:.0f} s._\n")
+        rows += result["rows"]
+    elapsed = time.monotonic() - t0
+    command = "make bench" if not (args.only or args.scale != 1.0) else " ".join(["python bench/run.py", *sys.argv[1:]])
+    text = header(command, started, elapsed) + "\n" + "\n".join(sections)
+    args.out.write_text(text)
+    fields = sorted({k for row in rows for k in row}, key=lambda k: (k != "bench", k))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    args.out.with_name("results.csv").write_text(buf.getvalue())
+    print(f"[bench] wrote {args.out} and {args.out.with_name('results.csv')} in {elapsed / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
