@@ -89,6 +89,14 @@ class _Prepared:
     discovery: layers_mod.Discovery
 
 
+def _check_counts(**values) -> None:
+    """--threads and --calib-samples at least 1, --seed and --top-k at least 0."""
+    least = {"threads": 1, "calib_samples": 1, "seed": 0, "top_k": 0}
+    for name, value in values.items():
+        if value is not None and value < least[name]:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {least[name]}")
+
+
 def _prepare(path, input_shapes) -> _Prepared:
     loaded = model_mod.load(path, input_shapes)
     found = layers_mod.find_layers(loaded)
@@ -254,8 +262,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     started = time.monotonic()
     constraints = Constraints.parse(latency, memory, flops, max_accuracy_drop, objective)
     provider = resolve_provider(provider)
-    if threads < 1:
-        raise UserError(f"--threads {threads}: must be at least 1")
+    _check_counts(threads=threads, calib_samples=calib_samples, seed=seed)
     if metric is not None and metric not in METRICS:
         raise UserError(f"--metric {metric!r}: use one of {', '.join(METRICS)}")
     budget_s = parse_time_budget(time_budget)
@@ -461,6 +468,7 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
     Example: optimize("model.onnx", "small.onnx", latency="-30%", data="val.npz")
     """
     path = Path(path)
+    _check_counts(top_k=top_k)
     paths = report.output_paths(Path(out)) if out is not None else None
     if paths is not None:
         extra = [p for k, p in paths.items() if k != "model"]
@@ -534,6 +542,7 @@ def _alternatives(ex: _Explored, limits, found, k: int) -> list[dict]:
 
 def profile_model(path, provider="cpu", threads=1, input_shapes=None) -> dict:
     provider = resolve_provider(provider)
+    _check_counts(threads=threads)
     loaded = model_mod.load(path, input_shapes)
     session = create_session(loaded.proto if loaded.proto.ByteSize() < model_mod.PROTOBUF_LIMIT else path,
                              provider, threads)

@@ -49,8 +49,8 @@ def load_data(path: str | Path, model: LoadedModel) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as npz:
             raw = {k: npz[k] for k in npz.files}
-    except Exception as exc:
-        raise UserError(f"--data {path}: not a readable .npz file ({first_line(exc)})") from None
+    except Exception:
+        raise UserError(f"--data {path}: not an .npz file of arrays (write one with numpy.savez)") from None
     types = _input_types(model)
     missing = [name for name in types if name not in raw]
     if missing:

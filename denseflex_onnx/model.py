@@ -301,6 +301,8 @@ def check_output_path(out: Path, inputs: list[Path], force: bool, *related: Path
     if out.is_dir():
         raise UserError(f"-o {out} is a folder; give a file path such as {out / 'model.onnx'}")
     folder = out.parent if str(out.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"-o {out}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise UserError(f"-o {out}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .constraints import Constraints
 from .space import Candidate, Space
@@ -146,6 +145,7 @@ def solve(space: Space, baseline: Baseline, limits: Limits, objective: str, erro
         rows.append(np.array([1.0 if plan.get(n) is c else 0.0 for n, c in cands]))
         lower.append(-np.inf)
         upper.append(len(plan) - 1)
+    from scipy.optimize import Bounds, LinearConstraint, milp    # imported where used: the CLI starts faster
     result = milp(c, integrality=np.ones(len(cands)), bounds=Bounds(0, 1),
                   constraints=LinearConstraint(np.vstack(rows), lower, upper))
     if result.status != 0 or result.x is None:

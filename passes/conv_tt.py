@@ -7,8 +7,6 @@ commutes with a 1x1 convolution without bias, so the pads move to the middle con
 from __future__ import annotations
 
 import numpy as np
-import tensorly as tl
-from tensorly.decomposition import tensor_train
 
 from denseflex_onnx import costs
 from denseflex_onnx.errors import UserError
@@ -79,7 +77,8 @@ def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain"
     r1, r2 = config["ranks"]
     kk = costs.prod(spatial)
     tensor = layer.weight.astype(np.float64).reshape(cout, cin, kk).transpose(1, 2, 0)  # Cin, kk, Cout
-    g1, g2, g3 = tensor_train(tl.tensor(tensor), rank=[1, r1, r2, 1], svd=partial_svd)
+    from tensorly.decomposition import tensor_train    # imported where used: the CLI starts faster
+    g1, g2, g3 = tensor_train(tensor, rank=[1, r1, r2, 1], svd=partial_svd)
     g1, g2, g3 = (np.asarray(g) for g in (g1, g2, g3))
     r1, r2 = g1.shape[-1], g2.shape[-1]       # tensorly caps ranks at what the shape allows
     m2, c3 = g2.reshape(r1 * kk, r2), g3[..., 0]

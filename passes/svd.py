@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 
 from denseflex_onnx import costs
 from denseflex_onnx.errors import UserError
@@ -93,7 +92,7 @@ def decompose_matrix(w: np.ndarray, stats=None, max_rank: int | None = None,
     if gram is not None and mode == "whitened":
         root = cholesky_root(gram)
         if root is not None:
-            transform, untransform = root.T, scipy.linalg.solve_triangular(root.T, np.eye(len(root)), lower=False)
+            transform, untransform = root.T, np.linalg.inv(root.T)
     elif gram is not None and mode == "scaled":
         scale = np.sqrt(np.maximum(stats.mean_abs, 1e-6 * max(float(stats.mean_abs.max()), 1e-12)))
         transform, untransform = np.diag(scale), np.diag(1.0 / scale)
@@ -129,6 +128,8 @@ def truncated_svd(w: np.ndarray, max_rank: int | None = None):
     full = min(w.shape)
     if max_rank is not None and full > 512 and max_rank < full // 4:
         return _randomized_svd(w, max_rank)
+    import scipy.linalg    # imported where used: the CLI starts faster
+
     try:
         return scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesdd")
     except np.linalg.LinAlgError:
@@ -151,7 +152,7 @@ def _randomized_svd(w: np.ndarray, rank: int, oversample: int = 16, power_iterat
         sketch, _ = np.linalg.qr(w.T @ sketch)
         sketch = w @ sketch
     q, _ = np.linalg.qr(sketch)
-    u, s, vt = scipy.linalg.svd(q.T @ w, full_matrices=False)
+    u, s, vt = np.linalg.svd(q.T @ w, full_matrices=False)
     return (q @ u)[:, :rank], s[:rank], vt[:rank]
 
 

@@ -13,8 +13,6 @@ import itertools
 import math
 
 import numpy as np
-import tensorly as tl
-from tensorly.decomposition import tensor_train
 
 from denseflex_onnx import costs
 from denseflex_onnx.errors import UserError
@@ -122,7 +120,8 @@ def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain"
     w = layer.weight.astype(np.float64).reshape(*ins, *outs)
     interleaved = w.transpose([i for t in range(d) for i in (t, d + t)])
     tensor = interleaved.reshape([k * n for k, n in zip(ins, outs)])
-    cores = tensor_train(tl.tensor(tensor), rank=[1, *ranks, 1], svd=decomposition or partial_svd)
+    from tensorly.decomposition import tensor_train    # imported where used: the CLI starts faster
+    cores = tensor_train(tensor, rank=[1, *ranks, 1], svd=decomposition or partial_svd)
     cores = [np.asarray(core).reshape(core.shape[0], k, n, core.shape[-1]) for core, k, n in zip(cores, ins, outs)]
     if mode != "plain" and stats is not None:
         cores = refit(cores, layer.weight.astype(np.float64), stats)
