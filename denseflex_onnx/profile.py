@@ -22,8 +22,6 @@ from .data import Dataset, feeds
 from .model import LoadedModel, atomic_write_bytes, first_line
 from .runtime import create_session, device_of, input_dtypes
 
-WARMUP_RUNS = 3
-
 
 @dataclass(frozen=True)
 class Timing:
@@ -34,7 +32,9 @@ class Timing:
 
 @dataclass(frozen=True)
 class Budget:
-    """How long one measurement may take: at least min_runs, then until max_runs or max_seconds."""
+    """How long one measurement may take: warm-up runs, at least min_runs, then until
+    max_runs or max_seconds."""
+    warmup: int = 3
     min_runs: int = 5
     max_runs: int = 200
     max_seconds: float = 0.5
@@ -95,7 +95,7 @@ def time_session(session: ort.InferenceSession, inputs: dict[str, np.ndarray], p
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, device, 0))
     for out in session.get_outputs():
         binding.bind_output(out.name, device)
-    for _ in range(WARMUP_RUNS):
+    for _ in range(budget.warmup):
         session.run_with_iobinding(binding)
     times = []
     start = time.perf_counter()
