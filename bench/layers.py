@@ -33,7 +33,7 @@ from denseflex_onnx import costs
 from denseflex_onnx.layers import Layer
 from denseflex_onnx.passes import conv_svd, conv_tt, svd, tt
 from denseflex_onnx.plan import DENSE, Choice
-from denseflex_onnx.profile import WARMUP_RUNS, Budget, cpu_model, time_session
+from denseflex_onnx.profile import Budget, cpu_model, time_session
 from denseflex_onnx.rewrite import one_layer_model
 from denseflex_onnx.runtime import create_session, max_ir_version
 
@@ -359,7 +359,7 @@ def run_time(flops: int, weight_bytes: int, act_bytes: int, nodes: int) -> float
 
 def call_time(t: float, max_seconds: float) -> float:
     """One time_session call: warm-up, then at least MIN_RUNS, up to max_seconds or MAX_RUNS."""
-    return 2e-4 + WARMUP_RUNS * t + min(max(max_seconds, MIN_RUNS * t), MAX_RUNS * t)
+    return 2e-4 + Budget().warmup * t + min(max(max_seconds, MIN_RUNS * t), MAX_RUNS * t)
 
 
 def estimate(group: Group, rounds: int, max_seconds: float, variants: int | None = None) -> float:
@@ -585,7 +585,7 @@ def markdown(rows: list[dict], skipped: list[str], used, budget_s: float, wall: 
         f"One layer at a time, onnxruntime {ort.__version__} on {PROVIDER} with {THREADS} intra-op thread, "
         f"fp32, on {cpu_model()}{cache_text()}. Each group (one layer at one batch) ran in rounds "
         f"({'/'.join(map(str, rounds)) or '-'} rounds): the dense layer, then every variant, dense again; each "
-        f"timing is `profile.time_session` ({WARMUP_RUNS} warm-up runs, then at least {MIN_RUNS} runs, up to "
+        f"timing is `profile.time_session` ({Budget().warmup} warm-up runs, then at least {MIN_RUNS} runs, up to "
         f"{'/'.join(f'{s:g}' for s in seconds) or '-'} s or {MAX_RUNS} runs; median). A variant's latency ratio is "
         f"its median divided by the mean of the two dense medians around it, taken as the median over rounds "
         f"(min-max over rounds in brackets). FLOPs and weight-bytes ratios are the passes' analytic `cost` "
