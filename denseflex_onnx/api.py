@@ -252,6 +252,7 @@ class _Explored:
     itemsize: dict[str, int]
     engine_cache: Path | None
     timing: profile.Budget
+    original: object                                  # the original model's session on the provider
     sensitivity: dict = field(default_factory=dict)   # layer -> [(layer error, metric drop)] probed
 
 
@@ -289,7 +290,8 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
         session = create_session(prep.loaded.proto, provider, threads, engine_cache)
         inputs = profile.profiling_inputs(prep.loaded, calib)
         base_timing = profile.time_session(session, inputs, provider, timing or profile.Budget())
-        ref_session = create_session(prep.loaded.proto, "CPUExecutionProvider", threads)
+        ref_session = session if provider == "CPUExecutionProvider" else \
+            create_session(prep.loaded.proto, "CPUExecutionProvider", threads)
         reference = metrics.outputs(ref_session, evaluation, prep.loaded, output)
         base_metric = metrics.score(metric, reference, reference, evaluation.labels)
         advance()
@@ -308,7 +310,8 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
                                          keys=_pareto_keys(constraints), prune=not exhaustive)
     itemsize = {n: l.dtype.itemsize for n, l in prep.layers.items()}
     ex = _Explored(prep, constraints, provider, threads, mode, metric, output, calib, evaluation, factors,
-                   space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget())
+                   space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget(),
+                   session)
     if sensitivity:
         total = sum(len(sens.probes(space, n)) for n in space.candidates)
         with progress.task("layer sensitivity", total) as advance:
@@ -353,7 +356,7 @@ AB_ROUNDS = 3
 def _verify(ex: _Explored, choices: dict) -> search.Verified:
     """Build the whole model; time it A/B interleaved with the original; score it on held-out data."""
     plan, new = _build(ex, choices)
-    original = create_session(ex.prep.loaded.proto, ex.provider, ex.threads, ex.engine_cache)
+    original = ex.original
     candidate = create_session(new, ex.provider, ex.threads, ex.engine_cache)
     a, b = [], []
     for _ in range(AB_ROUNDS):
