@@ -162,3 +162,16 @@ def test_whitened_beats_plain_at_the_same_constraint_on_the_mlp(tmp_path):
             no_cache=False, seed=0, exclude=["/6/Gemm"], input_shapes=None)
     errors = {m: sum(row["error"] for row in r.report["candidates"] if row["chosen"]) for m, r in runs.items()}
     assert errors["whitened"] < 0.5 * errors["plain"]
+
+
+def test_time_budget_stops_timing_and_chooses_among_the_timed(small_mlp, tmp_path):
+    """A budget already spent after the dense layers: nothing new is timed, every non-dense
+    candidate is reported as not timed, and the plan (all dense) still comes out."""
+    result = denseflex_onnx.optimize(small_mlp, time_budget="0.001s", no_cache=True, timing=FAST)
+    s = result.report["stages"]
+    assert s["not_timed_budget"] > 0
+    rows = result.report["candidates"]
+    assert all(r["latency_ms"] is not None for r in rows if r["method"] == "dense")
+    assert {r["dropped"] for r in rows if r["method"] != "dense" and r["latency_ms"] is None} <= {
+        "not timed (time budget)", "saves nothing", "dominated"}
+    assert result.plan.to_json()["layers"] == {}
