@@ -142,9 +142,21 @@ def _weight_bytes(proto: onnx.ModelProto) -> int:
 
 # ------------------------------------------------------------------------------------------- apply
 
-def apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=None, force=False,
-          input_shapes=None, calib_samples: int = 128, seed: int = 0) -> dict:
+def _blas_threads(threads: int):
+    """numpy/scipy's BLAS limited to the run's thread count: on a shared machine an
+    oversubscribed BLAS made decompositions several times slower, and timings noisier."""
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=max(int(threads), 1), user_api="blas")
+
+
+def apply(path, out, **options) -> dict:
     """Rewrite the model by a plan, per-layer specs or one spec for all; writes `out` atomically."""
+    with _blas_threads(1):
+        return _apply(path, out, **options)
+
+
+def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=None, force=False,
+          input_shapes=None, calib_samples: int = 128, seed: int = 0) -> dict:
     path, out = Path(path), Path(out)
     if plan_path is not None and (layer_specs or all_spec):
         raise UserError("--plan takes no --layer or --all: edit the plan, or use --all/--layer alone")
@@ -430,6 +442,11 @@ def missed_line(misses: dict) -> list[str]:
 
 def explore(path, prefix, *, force=False, progress: Progress | None = None, **options) -> Result:
     """Space, measure and the MILP's choice (estimated, not verified); reports only."""
+    with _blas_threads(options.get("threads") or 1):
+        return _explore_reports(path, prefix, force=force, progress=progress, **options)
+
+
+def _explore_reports(path, prefix, *, force=False, progress: Progress | None = None, **options) -> Result:
     prefix = Path(prefix)
     paths = report.output_paths(Path(str(prefix) + ".onnx"))
     model_mod.check_output_path(paths["json"], [Path(path)], force, paths["csv"], paths["md"], paths["png"])
@@ -470,6 +487,13 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
 
     Example: optimize("model.onnx", "small.onnx", latency="-30%", data="val.npz")
     """
+    with _blas_threads(threads):
+        return _optimize(**locals())
+
+
+def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
+              threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
+              layer_specs, exclude, input_shapes, top_k, force, progress, exhaustive, timing) -> Result:
     path = Path(path)
     _check_counts(top_k=top_k)
     paths = report.output_paths(Path(out)) if out is not None else None

@@ -111,6 +111,13 @@ class Factors:
         return module.factorize(layer, choice.config, self.stats.get(layer.name),
                                 self.decomposition(layer, choice.method, max_rank), self.mode)
 
+    def release(self, layer: Layer, keep: tuple[str, ...] = ("svd", "conv_svd")) -> None:
+        """Forget a layer's decompositions except the cheap-to-keep SVD family (they make the
+        chosen plans' factors quickly); the others are recomputed if ever needed again."""
+        for key in [k for k in self._decompositions if k[0] == layer.name and k[1] not in keep]:
+            del self._decompositions[key]
+        self._sketches.pop(layer.name, None)
+
     def rewrite_inputs(self, layer: Layer, choice: Choice) -> tuple[Layer, list[np.ndarray]]:
         """The factors, and the layer as its rewrite should see it.
 
@@ -198,6 +205,7 @@ def build(layers: list[Layer], factors: Factors, methods: list[str] | None = Non
         for c in alive:
             if not c.is_dense:
                 c.error = factors.error(layer, c.choice, max_ranks.get(c.choice.method))
+        factors.release(layer)
         for c in dominated(alive, ("params", "flops", "error")) if prune else []:
             c.dropped = DOMINATED
         after2 += sum(c.dropped is None for c in cands)

@@ -8,7 +8,6 @@ onnxruntime, no Transposes): measured faster on ORT CPU than an Einsum chain
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 
@@ -86,27 +85,31 @@ def cost(layer, config) -> tuple[int, int]:
 
 
 class UnfoldingSVDs:
-    """The SVDs TT-SVD takes of its unfoldings, kept for the configs that share them.
+    """The SVD of the first unfolding TT-SVD takes, kept per mode shape.
 
     TT truncations are not prefixes of one another, but every config with the same modes
-    starts from the same first unfolding (and d = 2 has no other): its SVD is computed once.
-    Called with tensorly's SVD signature.
+    starts from the same first unfolding (and d = 2 has no other): that SVD is computed once.
+    Later unfoldings depend on the ranks and are decomposed as they come, truncated.
     """
 
-    def __init__(self, largest: int = 1024):
-        self.largest = largest
-        self._kept: dict[tuple, tuple] = {}
+    def __init__(self):
+        self._first: dict[tuple, tuple] = {}
 
-    def __call__(self, matrix, n_eigenvecs: int | None = None, **_):
-        m = np.asarray(matrix, dtype=np.float64)
-        if min(m.shape) > self.largest:
-            return partial_svd(m, n_eigenvecs)
-        key = (m.shape, hashlib.sha1(m.tobytes()).hexdigest())
-        if key not in self._kept:
-            self._kept[key] = partial_svd(m)
-        u, s, vt = self._kept[key]
-        k = len(s) if n_eigenvecs is None else min(n_eigenvecs, len(s))
-        return u[:, :k], s[:k], vt[:k]
+    def for_modes(self, modes: tuple):
+        """An SVD function with tensorly's signature whose first call is served from the cache."""
+        calls = []
+
+        def svd(matrix, n_eigenvecs: int | None = None, **_):
+            calls.append(None)
+            if len(calls) > 1:
+                return partial_svd(matrix, n_eigenvecs)
+            if modes not in self._first:
+                self._first[modes] = partial_svd(matrix)
+            u, s, vt = self._first[modes]
+            k = len(s) if n_eigenvecs is None else min(n_eigenvecs, len(s))
+            return u[:, :k], s[:k], vt[:k]
+
+        return svd
 
 
 def decompose(layer, stats=None, max_rank=None, mode: str = "plain") -> UnfoldingSVDs:
@@ -121,7 +124,8 @@ def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain"
     interleaved = w.transpose([i for t in range(d) for i in (t, d + t)])
     tensor = interleaved.reshape([k * n for k, n in zip(ins, outs)])
     from tensorly.decomposition import tensor_train    # imported where used: the CLI starts faster
-    cores = tensor_train(tensor, rank=[1, *ranks, 1], svd=decomposition or partial_svd)
+    svd = decomposition.for_modes((tuple(ins), tuple(outs))) if decomposition is not None else partial_svd
+    cores = tensor_train(tensor, rank=[1, *ranks, 1], svd=svd)
     cores = [np.asarray(core).reshape(core.shape[0], k, n, core.shape[-1]) for core, k, n in zip(cores, ins, outs)]
     if mode != "plain" and stats is not None:
         cores = refit(cores, layer.weight.astype(np.float64), stats)
