@@ -119,6 +119,10 @@ class RandomSVD:
     def __init__(self, rng):
         self.rng = rng
 
+    def for_modes(self, modes):
+        """What passes/tt.py asks of its decomposition: an SVD function for these modes."""
+        return self
+
     def __call__(self, matrix, n_eigenvecs=None, **_):
         m, n = matrix.shape
         k = min(m, n, n_eigenvecs or min(m, n))
