@@ -36,8 +36,8 @@ def header(command: str, started: datetime.datetime, elapsed: float) -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "denseflex_onnx", "passes", "bench"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "denseflex_onnx",
+                                "passes", "bench"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit, dirty = "unknown", ""
     return "\n".join([
