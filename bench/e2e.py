@@ -740,9 +740,6 @@ if __name__ == "__main__":
     out = run(args.budget)
     print(out["markdown"])
     if args.csv:
-        import csv
-        fields = sorted({k for row in out["rows"] for k in row}, key=lambda k: (k != "bench", k))
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(out["rows"])
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.run import write_csv
+        write_csv(out["rows"], args.csv)

@@ -54,6 +54,16 @@ def header(command: str, started: datetime.datetime, elapsed: float) -> str:
         "| threads | 1 intra-op thread (the tool's default `--threads 1`) |", ""])
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Every row under the union of their keys, `bench` first."""
+    fields = sorted({k for row in rows for k in row}, key=lambda k: (k != "bench", k))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    Path(path).write_text(buf.getvalue())
+
+
 def targets(rows: list[dict]) -> str:
     """The layer-efficiency target, judged from the layers rows (the other targets are stated
     by the benchmark that measures them, in its own section)."""
@@ -99,12 +109,7 @@ def main() -> int:
     command = "make bench" if not (args.only or args.scale != 1.0) else " ".join(["python bench/run.py", *sys.argv[1:]])
     text = header(command, started, elapsed) + "\n" + "\n".join(sections)
     args.out.write_text(text)
-    fields = sorted({k for row in rows for k in row}, key=lambda k: (k != "bench", k))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    args.out.with_name("results.csv").write_text(buf.getvalue())
+    write_csv(rows, args.out.with_name("results.csv"))
     print(f"[bench] wrote {args.out} and {args.out.with_name('results.csv')} in {elapsed / 60:.1f} min")
     return 0
 
