@@ -154,28 +154,6 @@ def solve(space: Space, baseline: Baseline, limits: Limits, objective: str, erro
     return {n: cand for (n, cand), p in zip(cands, picked) if p}
 
 
-def closest(space: Space, baseline: Baseline, limits: Limits, itemsize: dict[str, int],
-            error_budget: float) -> dict[str, Candidate]:
-    """When no plan meets the limits: the one that misses them least (relative sum of overshoots
-    approximated by the summed normalized resources), within the error budget."""
-    names = sorted(space.candidates)
-    dense = {n: next(c for c in space.candidates[n] if c.is_dense) for n in names}
-    best, best_score = None, math.inf
-    for objective, limit in (("latency", limits.latency), ("memory", limits.bytes), ("flops", limits.flops)):
-        if limit is None:
-            continue
-        choices = solve(space, baseline, Limits(None, None, None, limits.accuracy_drop), objective,
-                        error_budget, itemsize)
-        if choices is None:
-            continue
-        e = estimate(choices, dense, baseline, itemsize)
-        score = sum(max(0.0, v / l - 1) for v, l in ((e.latency, limits.latency), (e.bytes, limits.bytes),
-                                                     (e.flops, limits.flops)) if l is not None)
-        if score < best_score:
-            best, best_score = choices, score
-    return best if best is not None else dict(dense)
-
-
 def misses(verified: Verified, baseline: Baseline, limits: Limits) -> dict[str, tuple[float, float]]:
     """Each limit the measured model exceeds: name -> (reached, limit)."""
     out = {}
@@ -244,16 +222,18 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
         budget = _between(lo, hi)
     if best is not None:
         return SearchResult(True, best.choices, best.verified, {}, steps)
-    # nothing met every limit: the verified plan that missed least, or the closest plan
+    # nothing met every limit: the verified plan that missed least
     if steps:
         nearest = min(steps, key=lambda s: _miss_score(s.misses))
-    else:
-        choices = closest(space, baseline, limits, itemsize, hi)
-        nearest = Step(hi, None, choices, estimate(choices, dense, baseline, itemsize, space.error_scale))
-        nearest.verified = verify(choices)
-        nearest.misses = misses(nearest.verified, baseline, limits) or {"constraints": (1.0, 0.0)}
-        steps.append(nearest)
-    return SearchResult(False, nearest.choices, nearest.verified, nearest.misses, steps)
+        return SearchResult(False, nearest.choices, nearest.verified, nearest.misses, steps)
+    # no plan even fits the estimates: the closest is the one that gets nearest the limits no plan
+    # meets while keeping the accuracy limit, i.e. the same search with those limits as objective
+    near = "latency" if limits.latency is not None else "memory" if limits.bytes is not None else "flops"
+    relaxed = choose(space, baseline, Limits(None, None, None, limits.accuracy_drop), near, itemsize, verify,
+                     max_verifications, on_step)
+    missed = misses(relaxed.verified, baseline, limits) if relaxed.verified else {}
+    return SearchResult(False, relaxed.choices, relaxed.verified, missed or {"constraints": (1.0, 0.0)},
+                        relaxed.steps)
 
 
 def _between(lo: float, hi: float) -> float:
