@@ -145,10 +145,6 @@ def apply(model: Path = typer.Argument(..., help="the .onnx file"),
     out.print(f"wrote {', '.join(summary['files'])}")
 
 
-def _search_options(f):
-    return f
-
-
 @app.command()
 def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
              output: Path = typer.Option(..., "-o", "--out", help="the optimized model (out.onnx)"),
@@ -280,12 +276,9 @@ def profile(model: Path = typer.Argument(..., help="the .onnx file"),
 
 
 def main() -> None:
-    try:
-        app()
-    except SystemExit:
-        raise
-    except Exception:          # a bug: show the traceback, exit 1
-        raise
+    """Console entry point. User errors exit 2 (see _user_errors); anything else is a bug and
+    keeps its traceback (exit 1)."""
+    app()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import costs
-from .model import LoadedModel, graph_inputs
+from .model import LoadedModel
 
 FACTORIZABLE_OPS = ("Gemm", "MatMul", "Conv")
 QUANTIZED_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
@@ -434,7 +434,3 @@ def _count_params(model: onnx.ModelProto) -> int:
         if t.data_type in floats:
             total += costs.prod(t.dims)
     return total
-
-
-def model_inputs(model: LoadedModel) -> list[str]:
-    return [i.name for i in graph_inputs(model.proto)]

@@ -104,12 +104,6 @@ def for_runtime(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def run_chunks(session: ort.InferenceSession, feeds_iter, output_names=None):
-    """Runs a session over an iterable of feed dicts; yields each chunk's outputs."""
-    for feeds in feeds_iter:
-        yield session.run(output_names, feeds)
-
-
 def input_dtypes(session: ort.InferenceSession) -> dict[str, np.dtype]:
     table = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,

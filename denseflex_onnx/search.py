@@ -88,10 +88,6 @@ class SearchResult:
     steps: list[Step]
 
 
-def layer_bytes(layer, cand: Candidate) -> int:
-    return cand.params * layer.dtype.itemsize
-
-
 def estimate(choices: dict[str, Candidate], dense: dict[str, Candidate], baseline: Baseline,
              itemsize: dict[str, int], error_scale: dict[str, float] | None = None) -> Estimate:
     """The model's figures predicted from layer deltas against dense."""
