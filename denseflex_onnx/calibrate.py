@@ -43,6 +43,24 @@ class LayerStats:
         rows = len(values) if rows is None else min(rows, len(values))
         return np.sqrt(values[:rows])[:, None] * vectors[:, :rows].T
 
+    def expected(self, centered: bool) -> "LayerStats":
+        """These statistics with X^T X replaced by what it is expected to be on unseen inputs,
+        the matrix a data-aware factorization should minimize the output error against.
+
+        centered: the mean's part removed, for layers whose bias correction cancels the mean
+        output error (then the rank goes to what varies, not to a constant shift).
+        Shrunk toward the isotropic matrix of the same trace, with weight d / (d + n) for n
+        rows in d dims, i.e. as if d isotropic rows were added: with fewer rows than dims the
+        raw X^T X is singular, and a factorization fitted to it is exact on the calibration
+        rows and poor off them (MNIST MLP, 128 images in 784 dims, whitened rank 8 in every
+        layer: 57% accuracy against 85% shrunk and 88% plain on held-out images).
+        """
+        gram = self.gram - np.outer(self.total, self.total) / max(self.count, 1) if centered else self.gram
+        d = len(gram)
+        weight = d / (d + max(self.count, 0))
+        gram = (1 - weight) * gram + weight * (float(np.trace(gram)) / max(d, 1)) * np.eye(d)
+        return LayerStats(gram, self.total, self.total_abs, self.count)
+
     @property
     def mean(self) -> np.ndarray:
         return self.total / max(self.count, 1)

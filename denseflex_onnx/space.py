@@ -94,6 +94,18 @@ class Factors:
         self.mode = mode
         self._decompositions: dict[tuple[str, str], object] = {}
         self._sketches: dict[str, tuple[np.ndarray, float]] = {}
+        self._fit_stats: dict[str, object] = {}
+
+    def fit_stats(self, layer: Layer):
+        """The statistics the passes fit to: centered where the bias is corrected, and shrunk
+        toward isotropic where the calibration rows are few (LayerStats.expected)."""
+        if layer.name not in self._fit_stats:
+            stats = self.stats.get(layer.name)
+            self._fit_stats[layer.name] = None if stats is None else stats.expected(self._corrects_bias(layer))
+        return self._fit_stats[layer.name]
+
+    def _corrects_bias(self, layer: Layer) -> bool:
+        return self.mode != "plain" and layer.side != "left"
 
     def decomposition(self, layer: Layer, method: str, max_rank: int | None = None):
         """The cached decomposition; computed again only when a higher rank is asked of a partial one."""
@@ -102,13 +114,13 @@ class Factors:
         if key not in self._decompositions or (cached is not None and max_rank is not None
                                                and len(cached.s) < min(max_rank, *cached_shape(cached))):
             self._decompositions[key] = PASSES[method].decompose(
-                layer, self.stats.get(layer.name), max_rank, self.mode)
+                layer, self.fit_stats(layer), max_rank, self.mode)
         return self._decompositions[key]
 
     def factors(self, layer: Layer, choice: Choice, max_rank: int | None = None) -> list[np.ndarray]:
         module = PASSES[choice.method]
         max_rank = max_rank or choice.config.get("rank")
-        return module.factorize(layer, choice.config, self.stats.get(layer.name),
+        return module.factorize(layer, choice.config, self.fit_stats(layer),
                                 self.decomposition(layer, choice.method, max_rank), self.mode)
 
     def release(self, layer: Layer, keep: tuple[str, ...] = ("svd", "conv_svd")) -> None:
@@ -117,6 +129,7 @@ class Factors:
         for key in [k for k in self._decompositions if k[0] == layer.name and k[1] not in keep]:
             del self._decompositions[key]
         self._sketches.pop(layer.name, None)
+        self._fit_stats.pop(layer.name, None)
 
     def rewrite_inputs(self, layer: Layer, choice: Choice) -> tuple[Layer, list[np.ndarray]]:
         """The factors, and the layer as its rewrite should see it.
@@ -127,7 +140,7 @@ class Factors:
         """
         factors = self.factors(layer, choice)
         stats = self.stats.get(layer.name)
-        if self.mode == "plain" or stats is None or layer.side == "left":
+        if stats is None or not self._corrects_bias(layer):
             return layer, factors
         approx = PASSES[choice.method].reconstruct(layer, factors)
         shift = stats.mean @ _as_matrix(layer, layer.weight.astype(np.float64) - approx)
@@ -135,7 +148,7 @@ class Factors:
         return dataclasses.replace(layer, bias=bias.astype(layer.dtype)), factors
 
     def error(self, layer: Layer, choice: Choice, max_rank: int | None = None) -> float:
-        """Relative output error ||X W - X W'|| / ||X W|| on the calibration activations."""
+        """Relative output error ||X W - X W'|| / ||X W||, X^T X as fit_stats expects it."""
         if choice.method == "dense":
             return 0.0
         d = self.decomposition(layer, choice.method, max_rank)
@@ -149,7 +162,7 @@ class Factors:
     def _sketch(self, layer: Layer) -> tuple[np.ndarray, float]:
         """X~ with X~^T X~ = X^T X (so ||X~ D|| = ||X D||), and ||X W||."""
         if layer.name not in self._sketches:
-            stats = self.stats.get(layer.name)
+            stats = self.fit_stats(layer)
             k = _as_matrix(layer, layer.weight).shape[0]
             sketch = np.eye(k) if stats is None else stats.sketch()
             reference = float(np.linalg.norm(sketch @ _as_matrix(layer, layer.weight.astype(np.float64))))

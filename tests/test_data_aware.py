@@ -83,6 +83,57 @@ def test_singular_gram_is_regularized_and_nan_falls_back_to_plain(caplog):
     np.testing.assert_allclose(fallback.s, np.linalg.svd(w, compute_uv=False), rtol=1e-10)
 
 
+def test_expected_gram_is_centered_and_shrunk_by_dims_over_dims_plus_rows():
+    rng = np.random.default_rng(3)
+    x = correlated_inputs(rng, 30, 10, 0.3) + 2.0
+    stats = stats_of(x)
+    for centered in (False, True):
+        xc = x - x.mean(axis=0) if centered else x
+        raw = xc.T @ xc
+        weight = 10 / (10 + 30)
+        want = (1 - weight) * raw + weight * np.trace(raw) / 10 * np.eye(10)
+        got = stats.expected(centered)
+        np.testing.assert_allclose(got.gram, want, rtol=1e-10, atol=1e-10)
+        np.testing.assert_array_equal(got.total, stats.total)
+        assert got.count == 30
+
+
+def test_with_fewer_rows_than_dims_the_expected_gram_generalizes():
+    """40 calibration rows in 120 dims: whitened SVD fitted to the raw X^T X is exact on those
+    rows only; fitted to the expected one, its output error on fresh rows of the same
+    distribution is lower on average, and never above plain SVD's."""
+    k, n, ratios = 120, 64, []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        mix = rng.standard_normal((k, k)) * np.exp(-np.arange(k) / k)[None, :]
+        calib, fresh = rng.standard_normal((40, k)) @ mix.T, rng.standard_normal((2000, k)) @ mix.T
+        w = rng.standard_normal((k, n))
+        raw = svd.decompose_matrix(w, stats_of(calib), None, "whitened")
+        shrunk = svd.decompose_matrix(w, stats_of(calib).expected(False), None, "whitened")
+        plain = svd.decompose_matrix(w, None, None, "plain")
+        for rank in (4, 8, 16, 32):
+            e_raw, e_shrunk, e_plain = (output_error(fresh, w, *svd.truncate(d, rank)) for d in (raw, shrunk, plain))
+            assert e_shrunk <= e_plain
+            ratios.append(e_shrunk / e_raw)
+    assert np.mean(ratios) < 0.98
+
+
+def test_data_aware_layer_error_is_the_bias_corrected_error_on_the_calibration_rows():
+    """With many rows (no shrinkage to speak of), the error the solver adds up for a whitened
+    candidate is what the rewritten, bias-corrected layer really does on those rows."""
+    rng = np.random.default_rng(4)
+    x = correlated_inputs(rng, 20000, 16, 0.3) + 2.0
+    w = rng.standard_normal((16, 12))
+    layer = dense_layer(w, rng.standard_normal(12))
+    factors = Factors({"fc": layer}, {"fc": stats_of(x)}, "whitened")
+    for rank in (2, 5, 9):
+        choice = Choice("svd", {"rank": rank})
+        corrected, (a, b) = factors.rewrite_inputs(layer, choice)
+        y = x @ w + layer.bias
+        real = np.linalg.norm(y - (x @ a @ b + corrected.bias)) / np.linalg.norm(y - y.mean(axis=0))
+        assert factors.error(layer, choice) == pytest.approx(real, rel=5e-2)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_bias_correction_removes_the_mean_output_error(with_bias):
     rng = np.random.default_rng(2)
