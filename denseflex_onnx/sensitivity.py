@@ -49,6 +49,8 @@ def error_scales(space: Space, drop_of: Callable[[str, Candidate], float], on_pr
     if not slopes:
         return {}, measured
     positive = [s for s in slopes.values() if s > 0]
-    mean = float(np.mean(positive)) if positive else 1.0
+    if not positive:                 # no probe lost anything: no layer is known to matter more
+        return {n: 1.0 for n in slopes}, measured
+    mean = float(np.mean(positive))
     floor = MIN_SLOPE_SHARE * mean
     return {n: max(s, floor) / mean for n, s in slopes.items()}, measured
