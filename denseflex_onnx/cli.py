@@ -26,7 +26,7 @@ err = Console(stderr=True)
 out = Console()
 log = logging.getLogger("denseflex_onnx")
 
-ShapeOpt = typer.Option(None, "--input-shape", help="NAME:1x128 or NAME:[1,128]; repeatable")
+ShapeOpt = typer.Option(None, "--input-shape", help="NAME:1x128 or NAME:[1,128]; repeatable, or comma-separated: a:1x64,b:1x64")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="print only errors")
 ForceOpt = typer.Option(False, "--force", help="overwrite existing output files")
 

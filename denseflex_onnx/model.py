@@ -22,6 +22,7 @@ log = logging.getLogger("denseflex_onnx")
 # checkers and onnxruntime by path.
 PROTOBUF_LIMIT = 2**31 - 1
 
+_SHAPE_LIST_RE = re.compile(r",(?=[^,\[\]]*:)")      # a comma that starts the next NAME:
 _SHAPE_RE = re.compile(r"^\s*\[?\s*(\d+(?:\s*[x,]\s*\d+)*)\s*\]?\s*$")
 
 
@@ -51,9 +52,10 @@ class LoadedModel:
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
-    """`NAME:1x128` or `NAME:[1,128]`, repeatable (CLI.md, Shapes)."""
+    """`NAME:1x128` or `NAME:[1,128]`, repeatable (CLI.md, Shapes); one flag may also list
+    several, comma-separated (`a:1x64,b:1x64`), as users of other tools guess."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for spec in specs or []:
+    for spec in (part for given in specs or [] for part in _SHAPE_LIST_RE.split(given)):
         name, sep, dims = spec.rpartition(":")
         match = _SHAPE_RE.match(dims)
         if not sep or not name or not match:
