@@ -5,7 +5,8 @@ A/B of the original and the written model), params, weight bytes, FLOPs and the 
 held-out samples (accuracy for the MNIST models, 100 x mean cosine to the original's embedding
 for MiniLM; the first 128 samples calibrate, the rest judge). Against what users pick instead:
 onnxruntime's dynamic INT8 quantization alone, and factorization followed by INT8. And the
-data-aware table: plain vs scaled vs whitened factorization at the same constraints.
+data-aware tables: plain vs scaled vs whitened at the same ranks (held-out layer error and
+metric), and optimize --objective accuracy at the same FLOPs limits.
 
 Every optimize starts from a fresh temporary profile cache (cold), except the plain and scaled
 runs of the factorization table, which reuse the whitened run's cache so that all three choose
@@ -71,23 +72,31 @@ class ModelSpec:
     max_drop: float
     metric: str                      # what the tool reports: accuracy or cosine
     budgets: list                    # [(tag, constraint kwargs)] of the optimize rows
-    extra: list = field(default_factory=list)   # optimize rows outside the factorization table
+    extra: list = field(default_factory=list)   # more optimize rows
+    compare: list = field(default_factory=list)  # [(tag, constraint)]: plain/scaled/whitened, --objective accuracy
+    fixed: str = ""                  # the same-rank plan of the factorization table (fixed_plan)
 
 
 MODELS = {
     "mlp": ModelSpec("mlp", "MNIST MLP", MODELS_DIR / "mnist_mlp.onnx", MODELS_DIR / "mnist_mlp_val.npz", None, 1.0,
                      "accuracy", [("latency -50%", {"latency": "-50%"}), ("latency -80%", {"latency": "-80%"})],
-                     [("memory -90%", {"memory": "-90%"})]),
+                     [("memory -90%", {"memory": "-90%"})],
+                     [("FLOPs -90%", {"flops": "-90%"}), ("FLOPs -97%", {"flops": "-97%"})], "svd:16"),
     "cnn": ModelSpec("cnn", "MNIST CNN", MODELS_DIR / "mnist_cnn.onnx", MODELS_DIR / "mnist_cnn_val.npz", None, 1.0,
-                     "accuracy", [("latency -30%", {"latency": "-30%"}), ("latency -50%", {"latency": "-50%"})]),
+                     "accuracy", [("latency -30%", {"latency": "-30%"}), ("latency -50%", {"latency": "-50%"})], [],
+                     [("FLOPs -80%", {"flops": "-80%"}), ("FLOPs -90%", {"flops": "-90%"})], "quarter"),
     "minilm": ModelSpec("minilm", "MiniLM-L6", MODELS_DIR / "minilm.onnx", MODELS_DIR / "minilm_sentences.npz",
                         MINILM_SHAPES, 2.0, "cosine",
-                        [("FLOPs -20%", {"flops": "-20%"}), ("FLOPs -35%", {"flops": "-35%"})]),
+                        [("FLOPs -20%", {"flops": "-20%"}), ("FLOPs -35%", {"flops": "-35%"})], [],
+                        [("FLOPs -20%", {"flops": "-20%"}), ("FLOPs -35%", {"flops": "-35%"})], "half"),
 }
 
 # what a task is expected to take before one like it has been measured (seconds, 2 cores)
 GUESS = {"optimize:mlp": 20.0, "optimize:cnn": 20.0, "optimize:minilm": 140.0, "ab:mlp": 3.0, "ab:cnn": 3.0,
-         "ab:minilm": 6.0, "int8:mlp": 8.0, "int8:cnn": 8.0, "int8:minilm": 25.0, "half:minilm": 25.0}
+         "ab:minilm": 6.0, "int8:mlp": 8.0, "int8:cnn": 8.0, "int8:minilm": 25.0, "fixed:mlp": 6.0,
+         "fixed:cnn": 8.0, "fixed:minilm": 40.0, "compare:mlp": 12.0, "compare:cnn": 15.0, "compare:minilm": 70.0}
+FACTORIZATIONS = ("plain", "scaled", "whitened")
+ACCURACY = "max metric"      # the tag prefix of the --objective accuracy runs
 
 
 class OutOfTime(BaseException):
@@ -213,6 +222,47 @@ def _spec(entry: dict) -> str:
     return "tt:" + "x".join(str(r) for r in c["ranks"])
 
 
+def heldout_layer_error(key: str, plan: dict, mode: str) -> float:
+    """Mean over the plan's layers of ||Y - Y'|| / ||Y - mean(Y)|| on the held-out samples, Y' the
+    layer as written (factors and corrected bias, fitted on the first CALIB samples), computed from
+    the held-out activations' X^T X: the same yardstick for every factorization, independent of
+    the tool's own estimate (which is made on the calibration samples)."""
+    from denseflex_onnx import calibrate, data as data_mod, layers as layers_mod, model as model_mod
+    from denseflex_onnx.passes import PASSES
+    from denseflex_onnx.plan import Choice
+    from denseflex_onnx.space import Factors
+
+    m = MODELS[key]
+    loaded = model_mod.load(m.path, m.input_shapes)
+    found = {l.name: l for l in layers_mod.find_layers(loaded).layers}
+    calib, held = data_mod.split(data_mod.load_data(m.data, loaded), CALIB)
+    chosen = [found[n] for n in sorted(plan)]
+    fitted = Factors(found, calibrate.collect(loaded, chosen, calib) if mode != "plain" else {}, mode)
+    seen = calibrate.collect(loaded, chosen, held)
+    errors = []
+    for layer in chosen:
+        entry = plan[layer.name]
+        written, kernels = fitted.rewrite_inputs(layer, Choice(entry["method"], entry["config"]))
+        w = _as_matrix(layer, layer.weight)
+        d = w - _as_matrix(layer, PASSES[entry["method"]].reconstruct(layer, kernels))
+        shift = np.zeros(w.shape[1]) if written.bias is None else written.bias.astype(np.float64) - (
+            0.0 if layer.bias is None else layer.bias.astype(np.float64))
+        st = seen[layer.name]
+        mean_out = st.mean @ w
+        diff = float(np.sum(d * (st.gram @ d)) - 2 * (st.total @ d) @ shift + st.count * shift @ shift)
+        ref = float(np.sum(w * (st.gram @ w)) - st.count * mean_out @ mean_out)
+        errors.append(math.sqrt(max(diff, 0.0) / ref) if ref > 0 else 0.0)
+    return float(np.mean(errors))
+
+
+def _as_matrix(layer, w: np.ndarray) -> np.ndarray:
+    """The weight as x @ M for the layer's input vectors (im2col patches for Conv), float64."""
+    w = np.asarray(w, dtype=np.float64)
+    if layer.op == "Conv":
+        return w.reshape(w.shape[0], -1).T
+    return w.T if layer.side == "left" else w
+
+
 # ----------------------------------------------------------------------------------- the bench
 
 class Bench:
@@ -224,7 +274,7 @@ class Bench:
         self.notes: list[str] = []          # skipped or stopped tasks
         self.problems: list[str] = []       # errors raised by the package
         self.optimized: dict[tuple, dict] = {}    # (model, tag, factorization) -> record
-        self.half: dict[str, dict] = {}
+        self.fixed: dict[str, dict[str, dict]] = {}      # model -> factorization -> record
         self.int8: dict[str, list[dict]] = {}
         self.data: dict[str, dict] = {}
         self.reference: dict[str, np.ndarray] = {}
@@ -299,21 +349,21 @@ class Bench:
     # -- tasks
 
     def optimize(self, key: str, tag: str, constraint: dict, factorization: str | None = None,
-                 cache_from: tuple | None = None) -> dict:
+                 cache_from: tuple | None = None, objective: str = "latency") -> dict:
         m = MODELS[key]
         work = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=self.tmp))
         cache = self.optimized[cache_from]["cache"] if cache_from else work / "cache"
         t = time.monotonic()
         result = denseflex_onnx.optimize(m.path, work / "out.onnx", data=m.data, max_accuracy_drop=m.max_drop,
                                          factorization=factorization, input_shapes=m.input_shapes,
-                                         cache_dir=cache, timing=TIMING, **constraint)
+                                         cache_dir=cache, timing=TIMING, objective=objective, **constraint)
         wall = time.monotonic() - t
         rep = result.report
         cands = rep["candidates"]
         chosen = [c for c in cands if c["chosen"]]
         dense_flops = sum(c["flops"] for c in cands if c["spec"] == "dense")
         models = [Path(f) for f in result.files if str(f).endswith(".onnx")]
-        rec = {"model": key, "tag": tag, "constraint": tag, "factorization": rep["factorization"],
+        rec = {"model": key, "tag": tag, "constraint": tag, "factorization": rep["factorization"], "objective": objective,
                "status": result.status, "misses": "; ".join(result.misses), "wall_s": wall,
                "cache": cache, "cold": cache_from is None, "file": models[0] if models else None,
                "baseline": rep["baseline"], "result": rep.get("result") or {}, "stages": rep["stages"],
@@ -349,24 +399,43 @@ class Bench:
         self.int8[key] = rows
         return rows
 
-    def half_rank(self, key: str, mode: str) -> dict:
-        """Every weight MatMul/Gemm at half its full rank (svd:0.5), applied with this factorization."""
-        m = MODELS[key]
+    def fixed_plan(self, key: str) -> dict:
+        """The same-rank plan of the factorization table: `svd:16` in every MatMul/Gemm wider than
+        16; `half`/`quarter`: that fraction of each layer's full rank (svd, conv_svd for Conv),
+        layers where that comes to less than 8 left dense (a 10-class head at rank 2 says nothing)."""
+        rule = MODELS[key].fixed
         self.layer_count(key)
-        layers = {l["name"]: {"method": "svd", "config": {"rank": int(round(0.5 * min(l["weight_shape"])))}}
-                  for l in self.inspected[key]["layers"] if l["op"] in ("MatMul", "Gemm")}
-        work = Path(tempfile.mkdtemp(prefix=f"{key}-half-{mode}-", dir=self.tmp))
-        plan = work / "half.plan.json"
+        plan = {}
+        for l in self.inspected[key]["layers"]:
+            shape = l["weight_shape"]
+            full = min(shape[0], math.prod(shape[1:])) if l["op"] == "Conv" else min(shape)
+            method = "conv_svd" if l["op"] == "Conv" else "svd"
+            if rule == "svd:16":
+                rank = 16 if method == "svd" and full > 16 else 0
+            else:
+                rank = int(round({"half": 0.5, "quarter": 0.25}[rule] * full))
+                rank = rank if rank >= 8 else 0
+            if rank:
+                plan[l["name"]] = {"method": method, "config": {"rank": rank}}
+        return plan
+
+    def fixed_ranks(self, key: str, mode: str) -> dict:
+        """The fixed plan applied with this factorization: FLOPs, metric and held-out layer error."""
+        m = MODELS[key]
+        layers = self.fixed_plan(key)
+        work = Path(tempfile.mkdtemp(prefix=f"{key}-fixed-{mode}-", dir=self.tmp))
+        plan = work / "fixed.plan.json"
         plan.write_text(json.dumps({"format": "denseflex-plan/1", "model_sha256": "", "factorization": mode,
                                     "layers": layers}))
         t = time.monotonic()
-        summary = denseflex_onnx.apply(m.path, work / "half.onnx", plan_path=plan, data=m.data,
+        summary = denseflex_onnx.apply(m.path, work / "fixed.onnx", plan_path=plan, data=m.data,
                                        input_shapes=m.input_shapes)
         rec = {"model": key, "factorization": mode, "wall_s": time.monotonic() - t, "layers": len(layers),
                "layer_flops": summary["layer_flops"], "layer_params": summary["layer_params"],
                "bytes": summary["model_bytes"], "metric": summary["metric"]["rewritten"],
-               "metric_original": summary["metric"]["original"]}
-        self.half[mode] = rec
+               "metric_original": summary["metric"]["original"],
+               "layer_error": heldout_layer_error(key, layers, mode)}
+        self.fixed.setdefault(key, {})[mode] = rec
         return rec
 
     def ensure_minilm(self) -> None:
@@ -392,11 +461,13 @@ class Bench:
         have_minilm = "minilm" not in self.unavailable
         mlp, cnn, lm = MODELS["mlp"], MODELS["cnn"], MODELS["minilm"]
 
-        def opt(spec: ModelSpec, tag: str, constraint: dict, factorization=None, cache_from=None, ab=True):
+        def opt(spec: ModelSpec, tag: str, constraint: dict, factorization=None, cache_from=None, ab=True,
+                objective="latency"):
             label = f"{spec.label} optimize {tag}" + (f" {factorization}" if factorization else "")
-            kind = f"optimize:{spec.key}" + (":warm" if cache_from else "")
+            kind = (f"compare:{spec.key}" if objective == "accuracy"
+                    else f"optimize:{spec.key}" + (":warm" if cache_from else ""))
             rec = self.attempt(label, kind, self.optimize, spec.key, tag, constraint,
-                               factorization, cache_from)
+                               factorization, cache_from, objective)
             if rec is not None and ab:
                 self.attempt(f"{label}: independent A/B", f"ab:{spec.key}", self.ab, rec)
             return rec
@@ -406,13 +477,18 @@ class Bench:
                          and f == "whitened"), None)
 
         def compare(spec: ModelSpec):
-            for tag, constraint in spec.budgets:
-                base = default_rec(spec, tag)
-                if base is None:
+            """The data-aware acceptance: the same ranks with each factorization, then optimize
+            --objective accuracy at the same FLOPs limits (whitened first on a fresh cache, plain and
+            scaled on its timings)."""
+            for mode in ("whitened", "plain", "scaled"):
+                self.attempt(f"{spec.label} fixed ranks {mode}", f"fixed:{spec.key}", self.fixed_ranks, spec.key, mode)
+            for tag, constraint in spec.compare:
+                tag = f"{ACCURACY}, {tag}"
+                if opt(spec, tag, constraint, "whitened", ab=False, objective="accuracy") is None:
                     self.notes.append(f"{spec.label} {tag}: plain/scaled comparison skipped (no whitened run)")
                     continue
                 for mode in ("plain", "scaled"):
-                    opt(spec, tag, constraint, mode, (spec.key, tag, "whitened"), ab=False)
+                    opt(spec, tag, constraint, mode, (spec.key, tag, "whitened"), ab=False, objective="accuracy")
 
         # 1. the MLP: target (a)
         for tag, constraint in mlp.budgets + mlp.extra:
@@ -430,13 +506,9 @@ class Bench:
         for tag, constraint in cnn.budgets:
             opt(cnn, tag, constraint)
         self.attempt("MNIST CNN INT8", "int8:cnn", self.run_int8, "cnn", default_rec(cnn, cnn.budgets[0][0]))
-        # 6. MiniLM at half rank, plain / scaled / whitened
-        if have_minilm:
-            for mode in ("whitened", "plain", "scaled"):
-                self.attempt(f"MiniLM-L6 half rank {mode}", "half:minilm", self.half_rank, "minilm", mode)
-        # 7. the factorization table for the CNN
+        # 6. the factorization table for the CNN
         compare(cnn)
-        # 8. MiniLM's second budget, then its factorization table
+        # 7. MiniLM's second budget, then its factorization table
         if have_minilm:
             opt(lm, *lm.budgets[1])
             compare(lm)
@@ -469,6 +541,96 @@ def metric_name(key: str) -> str:
     return "accuracy %" if MODELS[key].metric == "accuracy" else "cosine x100"
 
 
+FIXED_TEXT = {"svd:16": "svd:16 in every Gemm wider than 16", "half": "half the full rank in every weight MatMul",
+              "quarter": "a quarter of the full rank (8 or more) in every layer, conv_svd for Conv"}
+
+
+def render_factorizations(b: Bench, rows: list[dict]) -> list[str]:
+    """Plain vs scaled vs whitened: at the same ranks, then optimize --objective accuracy at the same
+    FLOPs limits, and how often whitened beat plain (the data-aware issue's acceptance)."""
+    md: list[str] = []
+    if b.fixed:
+        md += ["### Plain vs scaled vs whitened at the same ranks", "",
+               "`apply` of one plan with each factorization, so FLOPs and params are equal across a row. Layer "
+               "error: mean over the plan's layers of ||Y - Y'|| / ||Y - mean Y|| on the held-out samples' "
+               "activations (the written layer, corrected bias included; fitted on the first 128 samples). "
+               "Metric on the held-out samples.", "",
+               "| model | plan | weight FLOPs | plain | scaled | whitened |", "|---|---|---|---|---|---|"]
+        for key, got in b.fixed.items():
+            any_rec = next(iter(got.values()))
+            lf = any_rec["layer_flops"]
+            cells = []
+            for mode in FACTORIZATIONS:
+                r = got.get(mode)
+                cells.append("not run" if r is None else f"err {r['layer_error']:.3f}; {_f(r['metric'])}")
+                if r is not None:
+                    rows.append({"bench": "e2e", "section": "same_ranks", "model": key, "plan": MODELS[key].fixed,
+                                 "factorization": mode, "layer_flops_before": lf[0], "layer_flops_after": lf[1],
+                                 "params_before": r["layer_params"][0], "params_after": r["layer_params"][1],
+                                 "heldout_layer_error": r["layer_error"], "metric_kind": MODELS[key].metric,
+                                 "metric_before": r["metric_original"], "metric_after": r["metric"],
+                                 "wall_s": r["wall_s"]})
+            md.append(f"| {MODELS[key].label} | {FIXED_TEXT[MODELS[key].fixed]} ({any_rec['layers']} layers) | "
+                      f"{_g(lf[0])} -> {_g(lf[1])} ({_x(lf[0] / lf[1])}) | " + " | ".join(cells) + " |")
+        md += ["", "Metric: " + "; ".join(f"{MODELS[k].label} {metric_name(k)}, original "
+                                          f"{_f(next(iter(g.values()))['metric_original'])}" for k, g in b.fixed.items())
+               + ".", ""]
+    table = []
+    for key, spec in MODELS.items():
+        for tag, _ in spec.compare:
+            got = {mode: b.optimized.get((key, f"{ACCURACY}, {tag}", mode)) for mode in FACTORIZATIONS}
+            if any(got.values()):
+                table.append((key, tag, got))
+    if not table:
+        return md
+    md += ["### Plain vs scaled vs whitened at the same constraints", "",
+           "optimize --objective accuracy (the most accurate plan within the limit) with --data and "
+           "--factorization plain / scaled / whitened at the same FLOPs limit and max drop; plain and scaled "
+           "reuse the whitened run's timing cache. Each cell: the metric on the held-out samples (status), and "
+           "the plan's weight-FLOPs ratio.", "",
+           "| model | FLOPs limit | max drop | plain | scaled | whitened |", "|---|---|---|---|---|---|"]
+    diffs = []
+    for key, tag, got in table:
+        cells = []
+        for mode in FACTORIZATIONS:
+            r = got[mode]
+            if r is None or not r["result"]:
+                cells.append("not run")
+                continue
+            res = r["result"]
+            cells.append(f"{_f(res['metric'])} ({r['status']}); {_x(r['layer_flops'][0] / r['layer_flops'][1])}")
+            rows.append({"bench": "e2e", "section": "factorization", "model": key, "constraint": tag,
+                         "objective": "accuracy", "factorization": mode, "status": r["status"],
+                         "metric_kind": MODELS[key].metric, "metric_after": res["metric"],
+                         "metric_drop": res["metric_drop"], "summed_layer_error": r["summed_error"],
+                         "layer_flops_before": r["layer_flops"][0], "layer_flops_after": r["layer_flops"][1],
+                         "wall_s": r["wall_s"], "plan": json.dumps({n: _spec(e) for n, e in sorted(r["plan"].items())})})
+        md.append(f"| {MODELS[key].label} | {tag} | {MODELS[key].max_drop:g} | " + " | ".join(cells) + " |")
+        if got["plain"] and got["whitened"] and got["plain"]["result"] and got["whitened"]["result"]:
+            diffs.append((key, tag, got["whitened"]["result"]["metric"] - got["plain"]["result"]["metric"]))
+    md.append("")
+    if diffs:
+        wins = sum(d > 1e-9 for *_, d in diffs)
+        losses = sum(d < -1e-9 for *_, d in diffs)
+        per_model = {k: sum(d > 1e-9 for kk, _, d in diffs if kk == k) for k in {k for k, *_ in diffs}}
+        held = {k: len(next(iter(b.samples(k).values()))) - CALIB for k in per_model if MODELS[k].metric == "accuracy"}
+        resolution = "; ".join(f"one held-out sample = {100 / n:.3f} points for {MODELS[k].label}"
+                               for k, n in sorted(held.items()))
+        md.append(f"Finding (the data-aware issue's acceptance: with --data, a higher metric than plain at the same "
+                  f"constraints, at two budgets or more per model): whitened above plain in {wins} of {len(diffs)} "
+                  f"comparisons, equal in {len(diffs) - wins - losses}, below in {losses} (whitened - plain: "
+                  + ", ".join(f"{MODELS[k].label} {t} {d:+.2f}" for k, t, d in diffs) + " points"
+                  + (f"; {resolution}" if resolution else "") + "). Budgets won per model: "
+                  + ", ".join(f"{MODELS[k].label} {n}" for k, n in sorted(per_model.items())) + ".")
+        md.append("")
+    return md
+
+
+def default_runs(b: Bench) -> list[dict]:
+    """The optimize rows: fresh cache, default factorization and objective."""
+    return [r for r in b.optimized.values() if r["cold"] and r["objective"] == "latency"]
+
+
 def render(b: Bench, elapsed: float, blas: str, load: tuple, warnings: Warnings) -> tuple[str, list[dict]]:
     rows: list[dict] = []
     md = ["## End to end", ""]
@@ -484,7 +646,7 @@ def render(b: Bench, elapsed: float, blas: str, load: tuple, warnings: Warnings)
     # ---- targets
     md += ["### Targets", ""]
     # judged on the default runs (fresh cache, default factorization, re-measured A/B)
-    mlp_runs = [r for r in b.optimized.values() if r["model"] == "mlp" and r["result"] and r["cold"]]
+    mlp_runs = [r for r in default_runs(b) if r["model"] == "mlp" and r["result"]]
     good = [r for r in mlp_runs if r["status"] == "ok" and r["result"]["metric_drop"] <= MLP_MAX_DROP + 1e-9]
     if good:
         best = max(good, key=lambda r: r.get("speedup_ab", r["result"]["speedup"]))
@@ -506,7 +668,7 @@ def render(b: Bench, elapsed: float, blas: str, load: tuple, warnings: Warnings)
         if r["model"] == "minilm" and r["result"]:
             lm_points.append((f"optimize {r['tag']} {r['factorization']}", r["layer_flops"][0] / r["layer_flops"][1],
                               r["result"]["metric"]))
-    for mode, r in b.half.items():
+    for mode, r in b.fixed.get("minilm", {}).items():
         lm_points.append((f"half rank {mode}", r["layer_flops"][0] / r["layer_flops"][1], r["metric"]))
     if lm_points:
         hits = [p for p in lm_points if p[1] >= MINILM_FLOPS_TARGET and p[2] >= MINILM_COSINE_TARGET]
@@ -545,9 +707,8 @@ def render(b: Bench, elapsed: float, blas: str, load: tuple, warnings: Warnings)
            "| model | constraint | max drop | status | latency | speedup tool | speedup re-measured | params | "
            "weight bytes | FLOPs | metric | plan | verifications | wall |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (key, tag, mode), r in b.optimized.items():
-        if not r["cold"]:
-            continue
+    for r in default_runs(b):
+        key, tag, mode = r["model"], r["tag"], r["factorization"]
         base, res = r["baseline"], r["result"]
         lf = r["layer_flops"]
         flops_text = (f"{_g(lf[0])} -> {_g(lf[1])} ({_x(lf[0] / lf[1])})" if key == "minilm"
@@ -573,13 +734,13 @@ def render(b: Bench, elapsed: float, blas: str, load: tuple, warnings: Warnings)
                      "plan": json.dumps({n: _spec(e) for n, e in sorted(r["plan"].items())})})
     md.append("")
     findings = []
-    pairs = [(r["result"]["speedup"], r["speedup_ab"]) for r in b.optimized.values()
-             if r["cold"] and r.get("speedup_ab") and r["result"].get("speedup")]
+    pairs = [(r["result"]["speedup"], r["speedup_ab"]) for r in default_runs(b)
+             if r.get("speedup_ab") and r["result"].get("speedup")]
     if pairs:
         ratios = [ab / tool for tool, ab in pairs]
         findings.append(f"The re-measured speedup is {min(ratios):.2f} to {max(ratios):.2f} times the tool's own "
                         f"A/B figure over {len(pairs)} written models.")
-    infeasible = [r for r in b.optimized.values() if r["cold"] and r["status"] != "ok"]
+    infeasible = [r for r in default_runs(b) if r["status"] != "ok"]
     for r in infeasible:
         findings.append(f"{MODELS[r['model']].label} at {r['tag']}: no plan met the constraints "
                         f"({r['misses']}); the best verified metric over its {r['verifications']} verifications "
@@ -587,87 +748,7 @@ def render(b: Bench, elapsed: float, blas: str, load: tuple, warnings: Warnings)
     if findings:
         md += ["Findings:", ""] + [f"- {f}" for f in findings] + [""]
 
-    # ---- half rank
-    if b.half:
-        md += ["### MiniLM-L6 at half rank in every weight MatMul", "",
-               "`apply` with a plan of svd:0.5 (rank 192) in all 36 weight MatMuls; the three factorizations of "
-               "the same ranks.", "",
-               "| factorization | weight-MatMul FLOPs | params (layers) | weight bytes | mean cosine x100 |",
-               "|---|---|---|---|---|"]
-        for mode in ("plain", "scaled", "whitened"):
-            r = b.half.get(mode)
-            if r is None:
-                md.append(f"| {mode} | not run | | | |")
-                continue
-            lf, lp = r["layer_flops"], r["layer_params"]
-            md.append(f"| {mode} | {_g(lf[0])} -> {_g(lf[1])} ({_x(lf[0] / lf[1])}) | {lp[0]:,} -> {lp[1]:,} | "
-                      f"{_mb(r['bytes'][0])} -> {_mb(r['bytes'][1])} | {_f(r['metric'])} |")
-            rows.append({"bench": "e2e", "section": "half_rank", "model": "minilm", "factorization": mode,
-                         "layer_flops_before": lf[0], "layer_flops_after": lf[1], "params_before": lp[0],
-                         "params_after": lp[1], "bytes_before": r["bytes"][0], "bytes_after": r["bytes"][1],
-                         "metric_kind": "cosine", "metric_after": r["metric"], "wall_s": r["wall_s"]})
-        done = {m: r["metric"] for m, r in b.half.items()}
-        if len(done) > 1:
-            order = sorted(done, key=done.get, reverse=True)
-            md.append("")
-            md.append("Finding: at the same ranks, " + " > ".join(f"{m} ({done[m]:.2f})" for m in order) + ".")
-        md.append("")
-
-    # ---- factorization table
-    table = []
-    for key, spec in MODELS.items():
-        for tag, _ in spec.budgets:
-            got = {mode: b.optimized.get((key, tag, mode)) for mode in ("plain", "scaled", "whitened")}
-            if any(got.values()):
-                table.append((key, tag, got))
-    if table:
-        md += ["### Plain vs scaled vs whitened at the same constraints", "",
-               "optimize with --data and --factorization plain / scaled / whitened at the same constraints "
-               "and max drop; plain and scaled reuse the whitened run's timing cache, so all three choose from "
-               "the same timings. Each cell: end-to-end metric on the held-out samples (status), summed layer "
-               "error of the chosen plan, and what the plan reached (speedup or FLOPs ratio).", "",
-               "| model | constraint | plain | scaled | whitened |", "|---|---|---|---|---|"]
-        diffs, lower_error = [], 0
-        for key, tag, got in table:
-            cells = []
-            for mode in ("plain", "scaled", "whitened"):
-                r = got[mode]
-                if r is None or not r["result"]:
-                    cells.append("not run")
-                    continue
-                res = r["result"]
-                reach = (f"{_x(r['layer_flops'][0] / r['layer_flops'][1])} FLOPs" if key == "minilm"
-                         else f"{_x(res['speedup'])} speedup")
-                cells.append(f"{_f(res['metric'])} ({r['status']}); err {r['summed_error']:.3f}; {reach}")
-                rows.append({"bench": "e2e", "section": "factorization", "model": key, "constraint": tag,
-                             "factorization": mode, "status": r["status"], "metric_kind": MODELS[key].metric,
-                             "metric_after": res["metric"], "metric_drop": res["metric_drop"],
-                             "summed_layer_error": r["summed_error"], "speedup_tool": res["speedup"],
-                             "layer_flops_before": r["layer_flops"][0], "layer_flops_after": r["layer_flops"][1],
-                             "wall_s": r["wall_s"]})
-            md.append(f"| {MODELS[key].label} | {tag} | " + " | ".join(cells) + " |")
-            if got["plain"] and got["whitened"] and got["plain"]["result"] and got["whitened"]["result"]:
-                diffs.append((key, tag, got["whitened"]["result"]["metric"] - got["plain"]["result"]["metric"]))
-                lower_error += got["whitened"]["summed_error"] < got["plain"]["summed_error"]
-        md.append("")
-        if diffs:
-            wins = sum(d > 1e-9 for *_, d in diffs)
-            losses = sum(d < -1e-9 for *_, d in diffs)
-            held = {k: len(next(iter(b.samples(k).values()))) - CALIB for k in {k for k, *_ in diffs}
-                    if MODELS[k].metric == "accuracy"}
-            by_size: dict[int, list[str]] = {}
-            for k, n in sorted(held.items()):
-                by_size.setdefault(n, []).append(MODELS[k].label)
-            resolution = "; ".join(f"one held-out sample = {100 / n:.3f} accuracy points ({', '.join(labels)})"
-                                   for n, labels in by_size.items())
-            md.append(f"Finding (the data-aware issue's acceptance: with --data, whitened above plain at the same "
-                      f"constraints): whitened reached a higher metric than plain in {wins} of {len(diffs)} "
-                      f"comparisons, the same in {len(diffs) - wins - losses}, a lower one in {losses} (whitened - "
-                      f"plain: " + ", ".join(f"{MODELS[k].label} {t} {d:+.2f}" for k, t, d in diffs) + " points"
-                      + (f"; {resolution}" if resolution else "") + f"). Whitened's chosen plans had the lower summed "
-                      f"layer error in {lower_error} of {len(diffs)}. The plans differ per mode, so the metric also "
-                      f"reflects how far each search went within the limits.")
-            md.append("")
+    md += render_factorizations(b, rows)
 
     # ---- INT8
     if b.int8:
