@@ -148,3 +148,26 @@ def test_choose_reports_infeasible_with_the_nearest_plan():
     assert "latency" in result.misses
     reached, limit = result.misses["latency"]
     assert reached > limit == 0.5
+
+
+def test_a_plan_the_estimates_rule_out_but_the_measured_model_meets_is_feasible():
+    """Layer sums can be pessimistic (each one-layer model pays its own session overhead): when
+    no plan fits the estimated latency but the closest plan, measured whole, meets every limit,
+    it is the answer, not an infeasible run."""
+    space = random_space(np.random.default_rng(1))
+    baseline = Baseline(10.0, 100_000, 200_000, 90.0)
+    itemsize = {n: 4 for n in space.candidates}
+    dense = {n: c[0] for n, c in space.candidates.items()}
+    fastest = min(estimate(dict(zip(sorted(space.candidates), combo)), dense, baseline, itemsize).latency
+                  for combo in itertools.product(*(space.candidates[n] for n in sorted(space.candidates))))
+    limits = Limits(latency=0.9 * fastest, bytes=None, flops=None, accuracy_drop=1.0)
+
+    def verify(choices):     # the whole model runs at half its estimate
+        e = estimate(choices, dense, baseline, itemsize)
+        return Verified(0.5 * e.latency, baseline.latency, baseline.metric, e.bytes, e.flops)
+
+    assert solve(space, baseline, limits, "latency", 1e9, itemsize) is None
+    result = choose(space, baseline, limits, "latency", itemsize, verify)
+    assert result.feasible and result.misses == {}
+    assert result.verified.latency <= limits.latency
+
