@@ -265,7 +265,7 @@ class _Explored:
     engine_cache: Path | None
     timing: profile.Budget
     original: object                                  # the original model's session on the provider
-    sensitivity: dict = field(default_factory=dict)   # layer -> [(layer error, metric drop)] probed
+    sensitivity: dict = field(default_factory=dict)   # layer -> [{spec, error, drop}] probed
 
 
 def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
@@ -325,19 +325,21 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
                    space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget(),
                    session)
     if sensitivity:
+        probe = calib.take(0, min(sens.PROBE_SAMPLES, calib.samples))
+        probe_reference = metrics.outputs(ref_session, probe, prep.loaded, output)
         total = sum(len(sens.probes(space, n)) for n in space.candidates)
         with progress.task("layer sensitivity", total) as advance:
             space.error_scale, ex.sensitivity = sens.error_scales(
-                space, lambda name, cand: base_metric - _score(ex, {name: cand}), on_probe=advance)
+                space, lambda name, cand: 100.0 - _fidelity(ex, {name: cand}, probe, probe_reference),
+                on_probe=advance)
     return ex
 
 
-def _score(ex: _Explored, choices: dict) -> float:
-    """The metric of the model rewritten by these choices, on the evaluation samples (CPU)."""
+def _fidelity(ex: _Explored, choices: dict, data: data_mod.Dataset, reference: np.ndarray) -> float:
+    """100 x mean cosine of the outputs of the model rewritten by these choices to the original's (CPU)."""
     _, new = _build(ex, choices)
     session = create_session(new, "CPUExecutionProvider", ex.threads)
-    result = metrics.outputs(session, ex.evaluation, ex.prep.loaded, ex.output)
-    return metrics.score(ex.metric, result, ex.reference, ex.evaluation.labels)
+    return metrics.score("cosine", metrics.outputs(session, data, ex.prep.loaded, ex.output), reference, None)
 
 
 def _pareto_keys(constraints: Constraints) -> tuple[str, ...]:

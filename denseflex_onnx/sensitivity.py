@@ -2,9 +2,15 @@
 
 The summed layer error is a proxy: an error in one layer may cost far more accuracy than
 the same error in another. Factorizing one layer at a time at a few ranks and measuring the
-metric drop gives each layer a slope (points lost per unit of layer error, least squares
+end-to-end drop gives each layer a slope (points lost per unit of layer error, least squares
 through the origin); the solver then adds up errors weighted by these slopes, normalized
 to a mean of 1 so the error-budget range stays the same.
+
+A probe's drop is in fidelity, 100 x mean cosine of the outputs to the original's, on the
+first PROBE_SAMPLES calibration samples, whatever --metric judges the plans: a continuous
+figure gives a slope from a few samples where accuracy on 64 samples moves in steps of 1.6
+points, the evaluation samples stay unseen until a plan is judged, and a probe costs a fraction
+of a full evaluation (MiniLM-L6, 36 layers: the probes took 10 minutes on 384 sentences).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import numpy as np
 
 from .space import Candidate, Space
 
+PROBE_SAMPLES = 64
 MIN_SLOPE_SHARE = 0.05      # a layer that seems insensitive still counts a little: probes are few
 
 
@@ -33,17 +40,17 @@ def probes(space: Space, name: str) -> list[Candidate]:
 
 
 def error_scales(space: Space, drop_of: Callable[[str, Candidate], float], on_probe=None) -> tuple[dict, dict]:
-    """Per layer: the normalized slope, and the (error, drop) probes it came from."""
+    """Per layer: the normalized slope, and the probes it came from ({spec, error, drop})."""
     slopes, measured = {}, {}
     for name in sorted(space.candidates):
         points = []
         for cand in probes(space, name):
-            points.append((cand.error, drop_of(name, cand)))
+            points.append({"spec": cand.spec, "error": cand.error, "drop": drop_of(name, cand)})
             if on_probe:
                 on_probe()
         if points:
-            e = np.array([p[0] for p in points])
-            d = np.maximum(np.array([p[1] for p in points]), 0.0)
+            e = np.array([p["error"] for p in points])
+            d = np.maximum(np.array([p["drop"] for p in points]), 0.0)
             slopes[name] = float(e @ d / (e @ e))
             measured[name] = points
     if not slopes:

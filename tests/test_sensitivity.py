@@ -21,14 +21,14 @@ def test_slopes_are_least_squares_through_the_origin_normalized_to_a_mean_of_one
     scales, measured = sensitivity.error_scales(space, lambda name, cand: drops[name](cand.error))
     slope = {}
     for name in ("a", "b"):
-        e = np.array([p[0] for p in measured[name]])
-        d = np.array([p[1] for p in measured[name]])
+        e = np.array([p["error"] for p in measured[name]])
+        d = np.array([p["drop"] for p in measured[name]])
         slope[name] = float(np.linalg.lstsq(e[:, None], d, rcond=None)[0][0])
     mean = (slope["a"] + slope["b"]) / 2
     assert scales["a"] == pytest.approx(slope["a"] / mean)
     assert scales["b"] == pytest.approx(slope["b"] / mean)
     assert scales["c"] == pytest.approx(sensitivity.MIN_SLOPE_SHARE)     # insensitive, yet never free
-    assert len(measured["a"]) == 3
+    assert [p["spec"] for p in measured["a"]] == ["svd:1", "svd:2", "svd:3"]
 
 
 def test_no_probe_losing_anything_leaves_every_layer_at_one():
