@@ -27,7 +27,10 @@ def test_sigint_during_optimize_leaves_no_output_and_a_cache_a_rerun_resumes_fro
     out = tmp_path / "out.onnx"
     args = [sys.executable, "-m", "denseflex_onnx.cli", "optimize", str(MLP), "--data", str(MLP_DATA),
             "--latency", "-30%", "--cache-dir", str(cache), "-o", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a job started with & by a non-interactive shell inherits SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt: give the child the default disposition whatever ran pytest
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(cache.glob("*.json"))) < 5 and proc.poll() is None:
         time.sleep(0.05)
