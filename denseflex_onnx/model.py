@@ -22,7 +22,7 @@ log = logging.getLogger("denseflex_onnx")
 # checkers and onnxruntime by path.
 PROTOBUF_LIMIT = 2**31 - 1
 
-_SHAPE_LIST_RE = re.compile(r",(?=[^,\[\]]*:)")      # a comma that starts the next NAME:
+_SHAPE_LIST_RE = re.compile(r",\s*(?=[^,\[\]]*:)")      # a comma that starts the next NAME:
 _SHAPE_RE = re.compile(r"^\s*\[?\s*(\d+(?:\s*[x,]\s*\d+)*)\s*\]?\s*$")
 
 

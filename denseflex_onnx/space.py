@@ -35,7 +35,7 @@ class Candidate:
     choice: Choice
     params: int
     flops: int
-    error: float = math.nan           # relative output error on calibration activations
+    error: float = math.nan           # relative output error, X^T X as Factors.fit_stats expects it
     latency: float | None = None      # median seconds of the one-layer model
     p90: float | None = None
     dropped: str | None = None        # the pruning stage that removed it, if any
@@ -148,7 +148,8 @@ class Factors:
         return dataclasses.replace(layer, bias=bias.astype(layer.dtype)), factors
 
     def error(self, layer: Layer, choice: Choice, max_rank: int | None = None) -> float:
-        """Relative output error ||X W - X W'|| / ||X W||, X^T X as fit_stats expects it."""
+        """Relative output error ||X W - X W'|| / ||X W||, X^T X as fit_stats expects it (X centered
+        where the bias is corrected, so plain and data-aware errors are not on one scale)."""
         if choice.method == "dense":
             return 0.0
         d = self.decomposition(layer, choice.method, max_rank)

@@ -42,6 +42,7 @@ def test_parse_input_shapes_several_and_none():
     # one flag, several inputs: commas inside brackets and a bare 1,128 stay dims
     assert M.parse_input_shapes(["a:1x2,b:[3,4],ns:c:5"]) == {"a": (1, 2), "b": (3, 4), "ns:c": (5,)}
     assert M.parse_input_shapes(["x:1,128"]) == {"x": (1, 128)}
+    assert M.parse_input_shapes(["a:1x2, b:3"]) == {"a": (1, 2), "b": (3,)}
 
 
 @pytest.mark.parametrize("spec", ["x", "x:", ":1x2", "1x2", "x:1xa", "x:a", "x:1x", "x:x1", "x:1x-2",

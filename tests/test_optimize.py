@@ -150,7 +150,7 @@ def test_sensitivity_probes_each_layer_on_calibration_samples_only(tmp_path):
     assert result.feasible and result.report["result"]["metric_drop"] <= 1.0
     # a probe's drop is 100 - 100 x mean cosine to the original's logits on the first 64
     # calibration images: recomputed here from the same layer rewritten by apply
-    probe = sens["/0/Gemm"]["probes"][-1]
+    probe = next(p for p in reversed(sens["/0/Gemm"]["probes"]) if p["spec"].startswith("svd:"))
     plan = tmp_path / "one.plan.json"
     plan.write_text(json.dumps({"format": "denseflex-plan/1", "model_sha256": "", "factorization": "whitened",
                                 "layers": {"/0/Gemm": {"method": "svd",
