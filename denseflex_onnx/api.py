@@ -442,9 +442,17 @@ def missed_line(misses: dict) -> list[str]:
     return out
 
 
-def explore(path, prefix, *, force=False, progress: Progress | None = None, **options) -> Result:
-    """Space, measure and the MILP's choice (estimated, not verified); reports only."""
-    with _blas_threads(options.get("threads") or 1):
+def explore(path, prefix, *, latency=None, memory=None, flops=None, max_accuracy_drop=None, objective="latency",
+            metric=None, output=None, data=None, provider="cpu", threads=1, factorization=None, calib_samples=128,
+            sensitivity=False, time_budget=None, cache_dir=None, no_cache=False, seed=0, layer_specs=None,
+            exclude=None, input_shapes=None, force=False, progress: Progress | None = None,
+            timing: profile.Budget | None = None) -> Result:
+    """Space, measure and the MILP's choice (estimated, not verified); writes `prefix`.report.* only.
+
+    Example: explore("model.onnx", "space", flops="-50%")     # space.report.json, .csv, .md, .pareto.png
+    """
+    options = {k: v for k, v in locals().items() if k not in ("path", "prefix", "force", "progress")}
+    with _blas_threads(threads):
         return _explore_reports(path, prefix, force=force, progress=progress, **options)
 
 

@@ -122,6 +122,10 @@ def test_explore_writes_reports_only(small_mlp, tmp_path):
     report = json.loads((tmp_path / "space.report.json").read_text())
     s = report["stages"]
     assert s["grid"] >= s["after_saves_nothing"] >= s["after_dominated"] >= s["after_timing"] > 0
+    # the Python API takes the same call with only what differs from the defaults
+    api = denseflex_onnx.explore(small_mlp, tmp_path / "api", memory="-20%", cache_dir=tmp_path / "c", timing=FAST)
+    assert api.status == "explored" and {p.name for p in api.files} == {
+        "api.report.json", "api.report.csv", "api.report.md", "api.pareto.png"}
 
 
 @pytest.mark.parametrize("provider,expect", [("cuda", "not installed"), ("tensorrt", "not installed"),
