@@ -1,12 +1,14 @@
 """Stage 1, load: an ONNX file -> the model and the concrete shapes it runs at."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,15 +318,20 @@ def check_output_path(out: Path, inputs: list[Path], force: bool, *related: Path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    """Write to a temporary file beside `path`, then rename: readers never see half a file.
+
+    The temporary name is fixed before the file exists, so an interrupt that lands anywhere
+    (Ctrl-C between mkstemp's return and a try block left one behind in a fresh-clone CI run)
+    leaves nothing; the file gets the user's umask, as any file they write would.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 

@@ -268,6 +268,29 @@ def test_atomic_write_failure_keeps_the_old_file_and_no_temp(tmp_path):
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
+def test_atomic_write_interrupted_before_the_rename_leaves_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(M.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        M.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        M.atomic_write_bytes(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644     # mkstemp made it 0o600
+
+
 # --------------------------------------------------------------------------------- output paths
 
 @pytest.fixture
