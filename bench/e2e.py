@@ -19,7 +19,6 @@ at the end of the budget is stopped; the markdown says which.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -814,13 +813,6 @@ def run(budget_s: float = 420.0, blas: int | None = 1) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run (default 420)")
-    parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
-    args = parser.parse_args()
-    out = run(args.budget)
-    print(out["markdown"])
-    if args.csv:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from bench.run import write_csv
-        write_csv(out["rows"], args.csv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.run import standalone
+    standalone(run, __doc__, 420.0)

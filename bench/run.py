@@ -54,6 +54,18 @@ def header(command: str, started: datetime.datetime, elapsed: float) -> str:
         "| threads | 1 intra-op thread (the tool's default `--threads 1`) |", ""])
 
 
+def standalone(run, doc: str, budget_s: float) -> None:
+    """`python bench/<one>.py [--budget S] [--csv FILE]`: one benchmark alone, its markdown to stdout."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=budget_s, help=f"seconds for the whole run (default {budget_s:g})")
+    parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
+    args = parser.parse_args()
+    out = run(args.budget)
+    print(out["markdown"])
+    if args.csv:
+        write_csv(out["rows"], args.csv)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     """Every row under the union of their keys, `bench` first."""
     fields = sorted({k for row in rows for k in row}, key=lambda k: (k != "bench", k))

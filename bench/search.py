@@ -17,7 +17,6 @@ expected to take, and one still running at the end of the budget is stopped (sai
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -403,13 +402,6 @@ def run(budget_s: float = 240.0, blas: int | None = 1) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run (default 240)")
-    parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
-    args = parser.parse_args()
-    out = run(args.budget)
-    print(out["markdown"])
-    if args.csv:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from bench.run import write_csv
-        write_csv(out["rows"], args.csv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.run import standalone
+    standalone(run, __doc__, 240.0)
