@@ -229,7 +229,7 @@ def heldout_layer_error(key: str, plan: dict, mode: str) -> float:
     from denseflex_onnx import calibrate, data as data_mod, layers as layers_mod, model as model_mod
     from denseflex_onnx.passes import PASSES
     from denseflex_onnx.plan import Choice
-    from denseflex_onnx.space import Factors
+    from denseflex_onnx.space import Factors, as_matrix
 
     m = MODELS[key]
     loaded = model_mod.load(m.path, m.input_shapes)
@@ -242,8 +242,8 @@ def heldout_layer_error(key: str, plan: dict, mode: str) -> float:
     for layer in chosen:
         entry = plan[layer.name]
         written, kernels = fitted.rewrite_inputs(layer, Choice(entry["method"], entry["config"]))
-        w = _as_matrix(layer, layer.weight)
-        d = w - _as_matrix(layer, PASSES[entry["method"]].reconstruct(layer, kernels))
+        w = as_matrix(layer, layer.weight.astype(np.float64))
+        d = w - as_matrix(layer, PASSES[entry["method"]].reconstruct(layer, kernels).astype(np.float64))
         shift = np.zeros(w.shape[1]) if written.bias is None else written.bias.astype(np.float64) - (
             0.0 if layer.bias is None else layer.bias.astype(np.float64))
         st = seen[layer.name]
@@ -252,14 +252,6 @@ def heldout_layer_error(key: str, plan: dict, mode: str) -> float:
         ref = float(np.sum(w * (st.gram @ w)) - st.count * mean_out @ mean_out)
         errors.append(math.sqrt(max(diff, 0.0) / ref) if ref > 0 else 0.0)
     return float(np.mean(errors))
-
-
-def _as_matrix(layer, w: np.ndarray) -> np.ndarray:
-    """The weight as x @ M for the layer's input vectors (im2col patches for Conv), float64."""
-    w = np.asarray(w, dtype=np.float64)
-    if layer.op == "Conv":
-        return w.reshape(w.shape[0], -1).T
-    return w.T if layer.side == "left" else w
 
 
 # ----------------------------------------------------------------------------------- the bench

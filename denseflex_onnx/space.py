@@ -143,7 +143,7 @@ class Factors:
         if stats is None or not self._corrects_bias(layer):
             return layer, factors
         approx = PASSES[choice.method].reconstruct(layer, factors)
-        shift = stats.mean @ _as_matrix(layer, layer.weight.astype(np.float64) - approx)
+        shift = stats.mean @ as_matrix(layer, layer.weight.astype(np.float64) - approx)
         bias = shift if layer.bias is None else layer.bias.astype(np.float64) + shift
         return dataclasses.replace(layer, bias=bias.astype(layer.dtype)), factors
 
@@ -157,16 +157,16 @@ class Factors:
             return d.relative_error(choice.config["rank"])
         approx = PASSES[choice.method].reconstruct(layer, self.factors(layer, choice))
         sketch, reference = self._sketch(layer)
-        diff = _as_matrix(layer, layer.weight.astype(np.float64) - approx)
+        diff = as_matrix(layer, layer.weight.astype(np.float64) - approx)
         return float(np.linalg.norm(sketch @ diff) / reference) if reference > 0 else 0.0
 
     def _sketch(self, layer: Layer) -> tuple[np.ndarray, float]:
         """X~ with X~^T X~ = X^T X (so ||X~ D|| = ||X D||), and ||X W||."""
         if layer.name not in self._sketches:
             stats = self.fit_stats(layer)
-            k = _as_matrix(layer, layer.weight).shape[0]
+            k = as_matrix(layer, layer.weight).shape[0]
             sketch = np.eye(k) if stats is None else stats.sketch()
-            reference = float(np.linalg.norm(sketch @ _as_matrix(layer, layer.weight.astype(np.float64))))
+            reference = float(np.linalg.norm(sketch @ as_matrix(layer, layer.weight.astype(np.float64))))
             self._sketches[layer.name] = (sketch, reference)
         return self._sketches[layer.name]
 
@@ -176,7 +176,7 @@ def cached_shape(d) -> tuple[int, int]:
     return d.u.shape[0], d.vt.shape[1]
 
 
-def _as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
+def as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
     """The weight as x @ M for the layer's input vectors."""
     if layer.op == "Conv":
         return w.reshape(w.shape[0], -1).T
