@@ -17,8 +17,8 @@ import onnx
 
 from . import sensitivity as sens
 from . import calibrate, data as data_mod, layers as layers_mod, metrics, model as model_mod, profile, report, search, space as space_mod
-from .constraints import Constraints, METRICS, format_bytes, format_flops, format_seconds
-from .errors import UserError
+from .constraints import Constraints, METRICS, format_bytes, format_flops, format_seconds, parse_memory_budget
+from .errors import UserError, about_layer
 from .passes import PASSES
 from .plan import DENSE, FACTORIZATIONS, Choice, Plan, parse_layer_option, parse_spec, read_plan
 from .rewrite import rewrite_model
@@ -122,6 +122,41 @@ def _factorization(requested: str | None, data_path) -> str:
     return requested
 
 
+def _memory_budget(text) -> int:
+    """--memory-budget in bytes; by default half of the memory available now."""
+    if text is None:
+        return calibrate.default_memory_budget()
+    return parse_memory_budget(text)
+
+
+def _cannot_pay_off(prep: _Prepared, forced: dict, methods) -> dict[str, str]:
+    """Layers kept dense before any statistics or decomposition is computed for them."""
+    out = {}
+    for name, layer in prep.layers.items():
+        reason = None if name in forced else space_mod.cannot_pay_off(layer, methods)
+        if reason:
+            out[name] = reason
+    return out
+
+
+def _statistics(prep: _Prepared, calib, forced: dict, methods, budget: int, threads: int,
+                progress: Progress):
+    """Calibration statistics of the layers that may be rewritten, each kept as the memory
+    budget allows; a layer left without them is fitted plainly, with a warning naming it."""
+    wanted = [l for n, l in prep.layers.items() if n not in forced or forced[n].method != "dense"]
+    representations = calibrate.plan_statistics(
+        [l for l in wanted if not l.scope], budget, {l.name: space_mod.largest_rank(l, methods) for l in wanted})
+    for name, r in representations.items():
+        if r.kind == "none":
+            log.warning("%s: no calibration statistics (%s); --memory-budget raises the limit", name, r.why)
+    size, _ = data_mod.batching(prep.loaded, calib.fixed)
+    chunks = math.ceil(calib.samples / size) if calib.samples else 0
+    with progress.task(f"calibration activations (memory budget {format_bytes(budget)})", chunks) as advance:
+        stats = calibrate.collect(prep.loaded, wanted, calib, provider="CPUExecutionProvider",
+                                  threads=threads, on_chunk=advance, representations=representations)
+    return stats, representations
+
+
 def _forced(prep: _Prepared, layer_specs, exclude) -> dict[str, Choice]:
     forced: dict[str, Choice] = {}
     for name in exclude or []:
@@ -156,13 +191,14 @@ def apply(path, out, **options) -> dict:
 
 
 def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=None, force=False,
-          input_shapes=None, calib_samples: int = 128, seed: int = 0) -> dict:
+          input_shapes=None, calib_samples: int = 128, seed: int = 0, memory_budget=None) -> dict:
     path, out = Path(path), Path(out)
     if plan_path is not None and (layer_specs or all_spec):
         raise UserError("--plan takes no --layer or --all: edit the plan, or use --all/--layer alone")
     if plan_path is None and not layer_specs and not all_spec:
         raise UserError("give --plan PLAN.json, --layer NAME=SPEC (repeatable) or --all SPEC")
     model_mod.check_output_path(out, [path], force)
+    budget_bytes = _memory_budget(memory_budget)
     prep = _prepare(path, input_shapes)
     notes: list[str] = []
     if plan_path is not None:
@@ -184,7 +220,8 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
     if data is not None:
         calib, evaluation = _dataset(prep.loaded, data, calib_samples, seed)
         if mode != "plain":
-            stats = calibrate.collect(prep.loaded, [prep.layers[n] for n in plan.rewritten()], calib)
+            stats, _ = _statistics(prep, calib, {n: DENSE for n in prep.layers if n not in plan.rewritten()},
+                                   None, budget_bytes, 1, Progress())
     new = _rewrite(prep, space_mod.Factors(prep.layers, stats, mode), plan)
     files = model_mod.write_model(new, out, external=prep.loaded.external_data)
     summary = _summary(prep, plan, new)
@@ -266,12 +303,15 @@ class _Explored:
     timing: profile.Budget
     original: object                                  # the original model's session on the provider
     sensitivity: dict = field(default_factory=dict)   # layer -> [{spec, error, drop}] probed
+    kept_dense: dict = field(default_factory=dict)    # layer -> why it was never factorized
+    statistics: dict = field(default_factory=dict)    # layer -> how its input statistics were kept
+    memory_budget: int = 0
 
 
 def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
              threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
              layer_specs, exclude, input_shapes, progress: Progress, methods=None, exhaustive=False,
-             timing: profile.Budget | None = None) -> _Explored:
+             timing: profile.Budget | None = None, memory_budget=None) -> _Explored:
     started = time.monotonic()
     constraints = Constraints.parse(latency, memory, flops, max_accuracy_drop, objective)
     provider = resolve_provider(provider)
@@ -279,6 +319,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     if metric is not None and metric not in METRICS:
         raise UserError(f"--metric {metric!r}: use one of {', '.join(METRICS)}")
     budget_s = parse_time_budget(time_budget)
+    budget_bytes = _memory_budget(memory_budget)
     prep = _prepare(path, input_shapes)
     mode = _factorization(factorization, data)
     forced = _forced(prep, layer_specs, exclude)
@@ -287,14 +328,14 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     if metric == "accuracy" and evaluation.labels is None:
         raise UserError("--metric accuracy needs `labels` in the --data file; use agreement or cosine")
 
+    kept_dense = {} if exhaustive else _cannot_pay_off(prep, forced, methods)
     layers = list(prep.layers.values())
-    with progress.task("calibration activations", None) as advance:
-        stats = calibrate.collect(prep.loaded, layers, calib, provider="CPUExecutionProvider",
-                                  threads=threads, on_chunk=advance)
+    stats, representations = _statistics(prep, calib, {**forced, **{n: DENSE for n in kept_dense}}, methods,
+                                         budget_bytes, threads, progress)
     factors = space_mod.Factors(prep.layers, stats, mode)
     with progress.task("decomposition and layer errors", len(layers)) as advance:
         space = space_mod.build(layers, factors, methods, forced, on_layer=lambda _: advance(),
-                                prune=not exhaustive)
+                                prune=not exhaustive, kept_dense=kept_dense)
 
     engine_cache = (Path(cache_dir) if cache_dir else profile.default_cache_dir()).parent / "trt-engines" \
         if provider == "TensorrtExecutionProvider" else None
@@ -323,7 +364,8 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     itemsize = {n: l.dtype.itemsize for n, l in prep.layers.items()}
     ex = _Explored(prep, constraints, provider, threads, mode, metric, output, calib, evaluation, factors,
                    space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget(),
-                   session)
+                   session, kept_dense=kept_dense, memory_budget=budget_bytes,
+                   statistics={n: r.to_json() for n, r in representations.items()})
     if sensitivity:
         probe = calib.take(0, min(sens.PROBE_SAMPLES, calib.samples))
         probe_reference = metrics.outputs(ref_session, probe, prep.loaded, output)
@@ -360,7 +402,8 @@ def _build(ex: _Explored, choices: dict) -> tuple[Plan, onnx.ModelProto]:
 def _rewrite(prep: _Prepared, factors: space_mod.Factors, plan: Plan) -> onnx.ModelProto:
     layers, factor_map = dict(prep.layers), {}
     for name, choice in plan.rewritten().items():
-        layers[name], factor_map[name] = factors.rewrite_inputs(prep.layers[name], choice)
+        with about_layer(name):
+            layers[name], factor_map[name] = factors.rewrite_inputs(prep.layers[name], choice)
     return rewrite_model(prep.loaded.proto, layers, plan, factor_map)
 
 
@@ -411,6 +454,8 @@ def _report(ex: _Explored, path, status, chosen: dict, verified: search.Verified
         "baseline": {"latency_s": b.latency, "bytes": b.bytes, "flops": b.flops, "metric": b.metric,
                      "params": params_total},
         "stages": stages, "misses": misses,
+        "kept_dense": ex.kept_dense, "statistics": ex.statistics,
+        "memory_budget_bytes": ex.memory_budget, "peak_memory_bytes": report.peak_memory_bytes(),
         "sensitivity": {n: {"scale": ex.space.error_scale.get(n, 1.0), "probes": p} for n, p in ex.sensitivity.items()},
         "plan": plan.to_json() if plan else None,
         "verifications": [_step_row(ex, s) for s in steps if s.verified is not None],
@@ -446,7 +491,7 @@ def explore(path, prefix, *, latency=None, memory=None, flops=None, max_accuracy
             metric=None, output=None, data=None, provider="cpu", threads=1, factorization=None, calib_samples=128,
             sensitivity=False, time_budget=None, cache_dir=None, no_cache=False, seed=0, layer_specs=None,
             exclude=None, input_shapes=None, force=False, progress: Progress | None = None,
-            timing: profile.Budget | None = None) -> Result:
+            timing: profile.Budget | None = None, memory_budget=None) -> Result:
     """Space, measure and the MILP's choice (estimated, not verified); writes `prefix`.report.* only.
 
     Example: explore("model.onnx", "space", flops="-50%")     # space.report.json, .csv, .md, .pareto.png
@@ -492,7 +537,7 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
              factorization=None, calib_samples=128, sensitivity=False, time_budget=None, cache_dir=None,
              no_cache=False, seed=0, layer_specs=None, exclude=None, input_shapes=None, top_k=0,
              force=False, progress: Progress | None = None, exhaustive: bool = False,
-             timing: profile.Budget | None = None) -> Result:
+             timing: profile.Budget | None = None, memory_budget=None) -> Result:
     """Find the plan that meets the constraints; with `out`, write the model, plan and reports.
 
     Example: optimize("model.onnx", "small.onnx", latency="-30%", data="val.npz")
@@ -503,7 +548,8 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
 
 def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
               threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
-              layer_specs, exclude, input_shapes, top_k, force, progress, exhaustive, timing) -> Result:
+              layer_specs, exclude, input_shapes, top_k, force, progress, exhaustive, timing,
+              memory_budget) -> Result:
     path = Path(path)
     _check_counts(top_k=top_k)
     paths = report.output_paths(Path(out)) if out is not None else None
@@ -516,7 +562,8 @@ def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective
                   threads=threads, factorization=factorization, calib_samples=calib_samples,
                   sensitivity=sensitivity, time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache,
                   seed=seed, layer_specs=layer_specs, exclude=exclude, input_shapes=input_shapes,
-                  progress=progress or Progress(), exhaustive=exhaustive, timing=timing)
+                  progress=progress or Progress(), exhaustive=exhaustive, timing=timing,
+                  memory_budget=memory_budget)
     limits = search.Limits.resolve(ex.constraints, ex.baseline)
     with (progress or Progress()).task("verifying plans end to end", search.MAX_VERIFICATIONS) as advance:
         found = search.choose(ex.space, ex.baseline, limits, ex.constraints.objective, ex.itemsize,

@@ -2,7 +2,10 @@
 
 The original model runs once over the calibration samples, chunk by chunk, with
 every layer's input as an extra output; per layer only X^T X, the sum and the sum
-of |x| are kept (float64), never the activations themselves.
+of |x| are kept (float64), never the activations themselves. Within a memory budget
+(plan_statistics): a layer whose X^T X is too big to keep, or too costly for what it
+serves, keeps a low-rank sketch of it instead (sketch.py), and the passes fit against
+either through the same operations.
 """
 from __future__ import annotations
 
@@ -15,30 +18,39 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import costs
+from .constraints import format_bytes
 from .data import Dataset, feeds
 from .layers import Layer, explicit_pads
 from .model import LoadedModel
 from .runtime import create_session
+from .sketch import LowRankGram, NystromSketch
 
 log = logging.getLogger("denseflex_onnx")
 
 
 @dataclass
 class LayerStats:
-    gram: np.ndarray        # X^T X over input vectors (im2col patches for Conv) [K, K]
+    gram: "np.ndarray | LowRankGram"   # X^T X over input vectors (im2col patches for Conv) [K, K]
     total: np.ndarray       # sum of x [K]
     total_abs: np.ndarray   # sum of |x| [K]
     count: int              # vectors seen
 
+    @property
+    def kind(self) -> str:
+        return "sketch" if isinstance(self.gram, LowRankGram) else "full"
+
     @functools.cached_property
     def eigen(self) -> tuple[np.ndarray, np.ndarray]:
-        """Eigenvalues (descending, clipped at 0) and eigenvectors of X^T X, computed once."""
+        """Eigenvalues (descending, clipped at 0) and eigenvectors of a full X^T X, computed once."""
         values, vectors = np.linalg.eigh(self.gram)
         order = np.argsort(values)[::-1]
         return np.maximum(values[order], 0.0), vectors[:, order]
 
     def sketch(self, rows: int | None = None) -> np.ndarray:
-        """X~ [rows, K] with X~^T X~ = X^T X (exactly, or its leading directions when rows < K)."""
+        """X~ [rows, K] with X~^T X~ = X^T X (exactly, or its leading directions when rows < K
+        or the statistics are themselves a sketch)."""
+        if isinstance(self.gram, LowRankGram):
+            return self.gram.rows(rows)
         values, vectors = self.eigen
         rows = len(values) if rows is None else min(rows, len(values))
         return np.sqrt(values[:rows])[:, None] * vectors[:, :rows].T
@@ -57,9 +69,12 @@ class LayerStats:
         input vectors (Conv patches, tokens), so conv layers and transformers are barely shrunk.
         `total` stays the raw sum: the bias correction needs the raw mean.
         """
-        gram = self.gram - np.outer(self.total, self.total) / max(self.count, 1) if centered else self.gram
-        d = len(gram)
+        d = len(self.gram)
         weight = d / (d + self.count)
+        if isinstance(self.gram, LowRankGram):
+            gram = self.gram.minus_outer(self.total, 1 / max(self.count, 1)) if centered else self.gram
+            return LayerStats(gram.shrunk(weight), self.total, self.total_abs, self.count)
+        gram = self.gram - np.outer(self.total, self.total) / max(self.count, 1) if centered else self.gram
         gram = (1 - weight) * gram + weight * (float(np.trace(gram)) / max(d, 1)) * np.eye(d)
         return LayerStats(gram, self.total, self.total_abs, self.count)
 
@@ -72,23 +87,106 @@ class LayerStats:
         return self.total_abs / max(self.count, 1)
 
 
-def input_vectors(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """The layer's input as rows the weight matrix multiplies: [rows, K]."""
+# ----------------------------------------------------------------------------- memory budget
+
+# Above this many inputs a full X^T X costs more to accumulate (2 K^2 flops a row) and to
+# factor (K^3) than the layers it serves are worth: the small CREPE pitch tracker's Conv of
+# Cin*kh*kw = 8,192 took 14 of its 15 minutes for a layer of 33 MFLOPs.
+FULL_GRAM_MAX_INPUTS = 4096
+# a full X^T X is copied a few times while it is fitted (centered, shrunk, its Cholesky root)
+FULL_GRAM_WORKING_COPIES = 4
+SKETCH_MIN_RANK = 64
+BLOCK_BYTES = 64 << 20          # im2col rows materialized at a time
+
+
+@dataclass(frozen=True)
+class Representation:
+    """How one layer's input statistics are kept, and why."""
+    kind: str                   # full | sketch | none
+    rank: int                   # sketched directions (0 unless sketch)
+    bytes: int                  # what it holds while the model runs
+    why: str
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "rank": self.rank, "bytes": self.bytes, "why": self.why}
+
+
+def default_memory_budget() -> int:
+    """Half of the memory available now (the rest is the model, onnxruntime and the OS)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if ":" in line}
+        available = info.get("MemAvailable", info.get("MemFree"))
+    except (OSError, ValueError, IndexError):
+        available = None
+    if not available:
+        import os
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return int(available // 2)
+
+
+def plan_statistics(layers: list[Layer], budget: int, ranks: dict[str, int]) -> dict[str, Representation]:
+    """Per layer, the statistics that fit: the full X^T X for narrow layers, else a sketch at
+    the largest rank any of its candidates uses (at least SKETCH_MIN_RANK), else none (the
+    layer is then fitted plainly). Narrow layers are served first; one layer's working copies
+    are counted on top of what all layers hold, since layers are fitted one at a time."""
+    out: dict[str, Representation] = {}
+    held = peak_extra = 0
+    for layer in sorted(layers, key=lambda l: (as_inputs(l), l.name)):
+        k = as_inputs(layer)
+        full = 8 * k * k
+        if k <= FULL_GRAM_MAX_INPUTS and held + full + max(peak_extra, FULL_GRAM_WORKING_COPIES * full) <= budget:
+            out[layer.name] = Representation("full", 0, full, f"X^T X of {k} inputs fits")
+            held, peak_extra = held + full, max(peak_extra, FULL_GRAM_WORKING_COPIES * full)
+            continue
+        rank = min(k, max(2 * ranks.get(layer.name, 0), SKETCH_MIN_RANK))
+        need = NystromSketch.bytes_needed(k, rank)
+        reason = (f"{k} inputs: X^T X would take {format_bytes(full)}" if k > FULL_GRAM_MAX_INPUTS else
+                  f"X^T X ({format_bytes(full)}) does not fit the memory budget {format_bytes(budget)}")
+        if rank < k and held + need + peak_extra <= budget:
+            out[layer.name] = Representation("sketch", rank, need, f"{reason}; sketched at rank {rank}")
+            held += need
+            continue
+        out[layer.name] = Representation("none", 0, 0, f"{reason}, and a rank-{rank} sketch "
+                                         f"({format_bytes(need)}) does not fit either: fitted plainly")
+    return out
+
+
+def as_inputs(layer: Layer) -> int:
+    """K: the length of the input vectors the weight multiplies."""
+    return layer.matrix_shape[0]
+
+
+def input_blocks(layer: Layer, x: np.ndarray, max_bytes: int | None = BLOCK_BYTES):
+    """The layer's input as the rows its weight matrix multiplies ([rows, K]), in blocks of at
+    most `max_bytes` (float64), so a wide Conv's im2col patches (65,536 inputs a row) never
+    exist all at once."""
     x = x.astype(np.float64, copy=False)
     if layer.op == "Conv":
         kernel, strides, dilations = layer.weight.shape[2:], layer.attrs["strides"], layer.attrs["dilations"]
         pads = explicit_pads(x.shape, kernel, strides, dilations, layer.attrs.get("auto_pad", "NOTSET"),
                              layer.attrs["pads"])
-        return im2col(x, kernel, strides, pads, dilations)
+        yield from im2col_blocks(x, kernel, strides, pads, dilations, max_bytes)
+        return
     if layer.side == "left":
-        return np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
-    if layer.attrs.get("transA"):
-        return x.T
-    return x.reshape(-1, x.shape[-1])
+        rows = np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
+    elif layer.attrs.get("transA"):
+        rows = x.T
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    step = len(rows) if max_bytes is None else max(1, max_bytes // (8 * rows.shape[1]))
+    for start in range(0, len(rows), step):
+        yield rows[start:start + step]
 
 
 def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     """Patches [N*out_pixels, C*prod(kernel)] in the order of weight.reshape(Cout, -1)."""
+    return np.concatenate(list(im2col_blocks(x, kernel, strides, pads, dilations, None)))
+
+
+def im2col_blocks(x: np.ndarray, kernel, strides, pads, dilations, max_bytes: int | None):
+    """im2col's rows in blocks: a view of the padded input is sliced per sample and per run of
+    output rows, and only each block is copied out."""
     nd = len(kernel)
     padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
     spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
@@ -97,17 +195,37 @@ def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
              *(slice(None, None, d) for d in dilations))
     windows = windows[picks]                                   # [N, C, *out, *kernel]
     order = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
-    return windows.transpose(order).reshape(-1, x.shape[1] * costs.prod(kernel))
+    patches = windows.transpose(order)                         # [N, *out, C, *kernel], a view
+    k = x.shape[1] * costs.prod(kernel)
+    if max_bytes is None:
+        yield patches.reshape(-1, k)
+        return
+    out_rows = patches.shape[1]                                # the first output dim
+    per_out_row = costs.prod(patches.shape[2:1 + nd]) * k * 8
+    samples = max_bytes // max(per_out_row * out_rows, 1)
+    if samples >= 1:                                           # whole samples at a time
+        for n in range(0, patches.shape[0], samples):
+            yield patches[n:n + samples].reshape(-1, k)
+        return
+    step = max(1, max_bytes // max(per_out_row, 1))
+    for n in range(patches.shape[0]):
+        for start in range(0, out_rows, step):
+            yield patches[n, start:start + step].reshape(-1, k)
 
 
 def collect(model: LoadedModel, layers: list[Layer], data: Dataset, provider: str = "CPUExecutionProvider",
-            threads: int = 1, on_chunk=None) -> dict[str, LayerStats]:
-    """Runs the original model over `data` and accumulates each layer's input statistics."""
+            threads: int = 1, on_chunk=None,
+            representations: dict[str, Representation] | None = None) -> dict[str, LayerStats]:
+    """Runs the original model over `data` and accumulates each layer's input statistics, kept
+    as `representations` says (default: the full X^T X for every layer); layers planned
+    "none" get no statistics."""
     body = [layer.name for layer in layers if layer.scope]
     if body:
         log.warning("%d layer(s) inside If/Loop bodies: their activations cannot be captured, "
                     "so they are factorized plainly (%s)", len(body), ", ".join(body[:3]))
-    layers = [layer for layer in layers if not layer.scope]
+    representations = representations or {}
+    layers = [layer for layer in layers if not layer.scope
+              and representations.get(layer.name, FULL).kind != "none"]
     if not layers or data.samples == 0:
         return {}
     tapped = onnx.ModelProto()
@@ -118,17 +236,39 @@ def collect(model: LoadedModel, layers: list[Layer], data: Dataset, provider: st
         if name not in present:
             tapped.graph.output.append(onnx.ValueInfoProto(name=name))
     session = create_session(tapped, provider, threads)
-    stats: dict[str, LayerStats] = {}
+    sums: dict[str, _Sums] = {}
     for chunk in feeds(data, model):
         values = dict(zip(wanted, session.run(wanted, chunk)))
         for layer in layers:
-            rows = input_vectors(layer, values[layer.input])
-            k = rows.shape[1]
-            s = stats.setdefault(layer.name, LayerStats(np.zeros((k, k)), np.zeros(k), np.zeros(k), 0))
-            s.gram += rows.T @ rows
-            s.total += rows.sum(axis=0)
-            s.total_abs += np.abs(rows).sum(axis=0)
-            s.count += rows.shape[0]
+            for rows in input_blocks(layer, values[layer.input]):
+                if layer.name not in sums:
+                    sums[layer.name] = _Sums(rows.shape[1], representations.get(layer.name, FULL))
+                sums[layer.name].add(rows)
         if on_chunk:
             on_chunk()
-    return stats
+    return {name: s.stats() for name, s in sums.items()}
+
+
+FULL = Representation("full", 0, 0, "")
+
+
+class _Sums:
+    """One layer's running sums: X^T X (or its sketch), sum x, sum |x|, rows seen."""
+
+    def __init__(self, k: int, representation: Representation):
+        self.gram = np.zeros((k, k)) if representation.kind == "full" else None
+        self.sketch = NystromSketch(k, representation.rank) if representation.kind == "sketch" else None
+        self.total, self.total_abs, self.count = np.zeros(k), np.zeros(k), 0
+
+    def add(self, rows: np.ndarray) -> None:
+        if self.sketch is not None:
+            self.sketch.add(rows)
+        else:
+            self.gram += rows.T @ rows
+        self.total += rows.sum(axis=0)
+        self.total_abs += np.abs(rows).sum(axis=0)
+        self.count += rows.shape[0]
+
+    def stats(self) -> LayerStats:
+        gram = self.sketch.gram() if self.sketch is not None else self.gram
+        return LayerStats(gram, self.total, self.total_abs, self.count)

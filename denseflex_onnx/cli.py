@@ -12,13 +12,14 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from . import __version__, api
 from .constraints import format_bytes, format_flops, format_seconds
 from .errors import UserError
-from .model import parse_input_shapes
+from .model import first_line, parse_input_shapes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Low-rank factorization (SVD, Tensor-Train) of ONNX models, measured with onnxruntime.")
@@ -29,6 +30,9 @@ log = logging.getLogger("denseflex_onnx")
 ShapeOpt = typer.Option(None, "--input-shape", help="NAME:1x128 or NAME:[1,128]; repeatable, or comma-separated: a:1x64,b:1x64")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="print only errors")
 ForceOpt = typer.Option(False, "--force", help="overwrite existing output files")
+DebugOpt = typer.Option(False, "--debug", help="show the traceback behind an error")
+BudgetOpt = typer.Option(None, "--memory-budget", help="memory the calibration statistics may hold, e.g. 8GB "
+                         "(default: half of the memory available)")
 
 
 class RichProgress(api.Progress):
@@ -41,7 +45,7 @@ class RichProgress(api.Progress):
             yield lambda n=1: None
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn()]
+                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
         with Progress(*columns, console=err, transient=True) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
@@ -58,14 +62,43 @@ def _fail(message: str, code: int = 2):
 
 
 @contextlib.contextmanager
-def _user_errors():
+def _user_errors(debug: bool = False):
+    """Every error as one line: exit 2 for what the user or the model can change, 1 for our bug."""
     try:
         yield
     except UserError as exc:
+        _trace(debug)
         _fail(str(exc))
     except KeyboardInterrupt:
         err.print("interrupted: nothing was written")
         raise typer.Exit(130)
+    except MemoryError:
+        _trace(debug)
+        _fail(f"out of memory{_where()}: lower --memory-budget or --calib-samples"
+              f"{_exclude_hint()}")
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        _trace(debug)
+        layer = getattr(exc, "denseflex_layer", None)
+        if type(exc).__module__.startswith("onnxruntime"):
+            _fail(f"onnxruntime cannot run the model{_where(layer)}: {first_line(exc)} (check --input-shape"
+                  f"{_exclude_hint(layer)}; --debug shows where it failed)")
+        _fail(f"internal error{_where(layer)}: {type(exc).__name__}: {first_line(exc)} -- a bug in "
+              f"denseflex-onnx{_exclude_hint(layer)}; rerun with --debug for the traceback and report it", code=1)
+
+
+def _where(layer: str | None = None) -> str:
+    return f" on layer {layer}" if layer else ""
+
+
+def _exclude_hint(layer: str | None = None) -> str:
+    return f"; --exclude {layer} keeps that layer dense" if layer else ""
+
+
+def _trace(debug: bool) -> None:
+    if debug:
+        err.print_exception()
 
 
 def _version(value: bool):
@@ -84,10 +117,10 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
 def inspect(model: Path = typer.Argument(..., help="the .onnx file"),
             input_shape: Optional[List[str]] = ShapeOpt,
             json_out: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
-            quiet: bool = QuietOpt):
+            quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """List the layers a pass could factorize, with their cost, and what is skipped and why."""
     _setup(quiet)
-    with _user_errors():
+    with _user_errors(debug):
         info = api.inspect(model, parse_input_shapes(input_shape))
     if json_out:
         print(json.dumps(info))
@@ -120,12 +153,14 @@ def apply(model: Path = typer.Argument(..., help="the .onnx file"),
           all_spec: Optional[str] = typer.Option(None, "--all", help="one SPEC for every layer it fits, e.g. svd:0.25"),
           data: Optional[Path] = typer.Option(None, "--data", help=".npz: accuracy before/after, data-aware plans"),
           input_shape: Optional[List[str]] = ShapeOpt,
-          force: bool = ForceOpt, quiet: bool = QuietOpt):
+          memory_budget: Optional[str] = BudgetOpt,
+          force: bool = ForceOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Rewrite layers by a plan or by method specs (svd:64, tt:0.25, conv_svd:0.5, conv_tt:16x32, dense)."""
     _setup(quiet)
-    with _user_errors():
+    with _user_errors(debug):
         summary = api.apply(model, output, plan_path=plan, layer_specs=layer or None, all_spec=all_spec,
-                            data=data, force=force, input_shapes=parse_input_shapes(input_shape))
+                            data=data, force=force, input_shapes=parse_input_shapes(input_shape),
+                            memory_budget=memory_budget)
     if quiet:
         return
     table = Table(title=f"{output}")
@@ -171,18 +206,20 @@ def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
              input_shape: Optional[List[str]] = ShapeOpt,
              top_k: int = typer.Option(0, "--top-k", help="also write the next N plans"),
              force: bool = ForceOpt,
+             memory_budget: Optional[str] = BudgetOpt,
              json_out: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
-             quiet: bool = QuietOpt):
+             quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Find and write the factorized model that meets the constraints."""
     _setup(quiet)
-    with _user_errors():
+    with _user_errors(debug):
         result = api.optimize(model, output, latency=latency, memory=memory, flops=flops,
                               max_accuracy_drop=max_accuracy_drop, objective=objective, metric=metric,
                               output=output_name, data=data, provider=provider, threads=threads,
                               factorization=factorization, calib_samples=calib_samples, sensitivity=sensitivity,
                               time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache, seed=seed,
                               layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape),
-                              top_k=top_k, force=force, progress=RichProgress(not quiet and not json_out))
+                              top_k=top_k, force=force, progress=RichProgress(not quiet and not json_out),
+                              memory_budget=memory_budget)
     if json_out:
         summary = {k: result.report[k] for k in ("status", "baseline", "result", "stages", "plan", "misses")
                    if k in result.report}
@@ -235,16 +272,18 @@ def explore(model: Path = typer.Argument(..., help="the .onnx file"),
             no_cache: bool = typer.Option(False, "--no-cache"), seed: int = typer.Option(0),
             layer: Optional[List[str]] = typer.Option(None, "--layer"),
             exclude: Optional[List[str]] = typer.Option(None, "--exclude"),
-            input_shape: Optional[List[str]] = ShapeOpt, force: bool = ForceOpt, quiet: bool = QuietOpt):
+            input_shape: Optional[List[str]] = ShapeOpt, memory_budget: Optional[str] = BudgetOpt,
+            force: bool = ForceOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Explore the design space and write reports (PREFIX.report.json/.csv/.md, PREFIX.pareto.png); no model."""
     _setup(quiet)
-    with _user_errors():
+    with _user_errors(debug):
         result = api.explore(model, prefix, force=force, progress=RichProgress(not quiet), latency=latency,
                              memory=memory, flops=flops, max_accuracy_drop=max_accuracy_drop, objective=objective,
                              metric=metric, output=output_name, data=data, provider=provider, threads=threads,
                              factorization=factorization, calib_samples=calib_samples, sensitivity=sensitivity,
                              time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache, seed=seed,
-                             layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape))
+                             layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape),
+                             memory_budget=memory_budget)
     if not quiet:
         s = result.report["stages"]
         out.print(f"design space: {s['grid']} -> {s['after_saves_nothing']} -> {s['after_dominated']} -> "
@@ -262,10 +301,10 @@ def explore(model: Path = typer.Argument(..., help="the .onnx file"),
 def profile(model: Path = typer.Argument(..., help="the .onnx file"),
             provider: str = typer.Option("cpu", help="cpu|cuda|tensorrt|<full EP name>"),
             threads: int = typer.Option(1), input_shape: Optional[List[str]] = ShapeOpt,
-            json_out: bool = typer.Option(False, "--json"), quiet: bool = QuietOpt):
+            json_out: bool = typer.Option(False, "--json"), quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Median and p90 latency of a model at the given input shapes."""
     _setup(quiet)
-    with _user_errors():
+    with _user_errors(debug):
         timing = api.profile_model(model, provider=provider, threads=threads,
                                    input_shapes=parse_input_shapes(input_shape))
     if json_out:
@@ -277,8 +316,8 @@ def profile(model: Path = typer.Argument(..., help="the .onnx file"),
 
 
 def main() -> None:
-    """Console entry point. User errors exit 2 (see _user_errors); anything else is a bug and
-    keeps its traceback (exit 1)."""
+    """Console entry point. Errors are one line (see _user_errors): exit 2 for what the user or
+    the model can change, 1 for a bug in the tool (its traceback behind --debug)."""
     app()
 
 

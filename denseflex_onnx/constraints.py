@@ -54,6 +54,16 @@ def parse_limit(kind: str, text: str | None) -> Limit | None:
     raise UserError(f"--{kind} {text!r}: not understood; use {_EXAMPLES[kind]}")
 
 
+def parse_memory_budget(text: str) -> int:
+    """--memory-budget: bytes the calibration statistics may hold (8GB, 512MiB)."""
+    t = str(text).strip().replace(" ", "")
+    m = re.fullmatch(_NUMBER + r"([a-zA-Z]*)", t)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS["memory"] or float(m.group(1)) * _UNITS["memory"][unit] < 1:
+        raise UserError(f"--memory-budget {text!r}: give an amount such as 8GB, 512MiB or 2GiB")
+    return int(float(m.group(1)) * _UNITS["memory"][unit])
+
+
 def parse_accuracy_drop(text: str | float | None) -> float:
     """Points of the metric, 0..100 (`1` or `1%`)."""
     if text is None:

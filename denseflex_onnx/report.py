@@ -11,6 +11,20 @@ from .constraints import format_bytes, format_flops, format_seconds
 from .model import atomic_write_bytes
 
 
+def peak_memory_bytes() -> int | None:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across
+    fork and exec, so a child of a big parent reports the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def output_paths(out: Path) -> dict[str, Path]:
     """Every file `optimize -o out.onnx` may write (CLI.md, Output files)."""
     out = Path(out)

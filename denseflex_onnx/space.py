@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import about_layer
 from .layers import Layer
+from .model import first_line
 from .passes import PASSES
 from .plan import DENSE, Choice
 
@@ -27,6 +29,8 @@ DOMINATED_TIMED = "dominated after timing"
 NOT_TIMED = "not timed (time budget)"
 TIMING_FAILED = "timing failed"
 FORCED = "another choice forced (--layer)"
+SCORING_FAILED = "scoring failed"
+CANNOT_PAY_OFF = "cannot pay off"
 
 
 @dataclass
@@ -81,6 +85,30 @@ def grid(layer: Layer, methods: list[str] | None = None) -> list[Candidate]:
     return cands
 
 
+# A layer below both shares cannot pay for the node a rewrite adds: it is kept dense before
+# any statistics or decomposition is computed for it.
+NEGLIGIBLE_SHARE = 0.005
+
+
+def cannot_pay_off(layer: Layer, methods: list[str] | None = None) -> str | None:
+    """Why factorizing this layer cannot pay off, from its costs alone, or None.
+
+    Either no candidate of any pass saves weights or FLOPs (pruning stage 1, known before any
+    data is seen), or the layer holds a negligible share of the model's FLOPs and weights."""
+    if layer.flops_share < NEGLIGIBLE_SHARE and layer.params_share < NEGLIGIBLE_SHARE:
+        return (f"negligible: {100 * layer.flops_share:.2f}% of the FLOPs and "
+                f"{100 * layer.params_share:.2f}% of the weights")
+    if not any(c.params < layer.params or c.flops < layer.flops for c in grid(layer, methods)[1:]):
+        return "no candidate saves weights or FLOPs"
+    return None
+
+
+def largest_rank(layer: Layer, methods: list[str] | None = None) -> int:
+    """The largest rank an SVD-family candidate takes in the input space: what a sketch of
+    the layer's input statistics must hold."""
+    return max((c.choice.config.get("rank", 0) for c in grid(layer, methods)[1:]), default=0)
+
+
 class Factors:
     """Factors and layer errors for one run, computing each decomposition once.
 
@@ -93,7 +121,7 @@ class Factors:
         self.stats = stats or {}
         self.mode = mode
         self._decompositions: dict[tuple[str, str], object] = {}
-        self._sketches: dict[str, tuple[np.ndarray, float]] = {}
+        self._references: dict[str, float] = {}
         self._fit_stats: dict[str, object] = {}
 
     def fit_stats(self, layer: Layer):
@@ -128,7 +156,7 @@ class Factors:
         chosen plans' factors quickly); the others are recomputed if ever needed again."""
         for key in [k for k in self._decompositions if k[0] == layer.name and k[1] not in keep]:
             del self._decompositions[key]
-        self._sketches.pop(layer.name, None)
+        self._references.pop(layer.name, None)
         self._fit_stats.pop(layer.name, None)
 
     def rewrite_inputs(self, layer: Layer, choice: Choice) -> tuple[Layer, list[np.ndarray]]:
@@ -156,19 +184,22 @@ class Factors:
         if hasattr(d, "relative_error"):              # SVD family: a cumulative sum, exact
             return d.relative_error(choice.config["rank"])
         approx = PASSES[choice.method].reconstruct(layer, self.factors(layer, choice))
-        sketch, reference = self._sketch(layer)
         diff = as_matrix(layer, layer.weight.astype(np.float64) - approx)
-        return float(np.linalg.norm(sketch @ diff) / reference) if reference > 0 else 0.0
+        reference = self._reference(layer)
+        return float(np.sqrt(max(output_energy(diff, self.fit_stats(layer)), 0.0)) / reference) \
+            if reference > 0 else 0.0
 
-    def _sketch(self, layer: Layer) -> tuple[np.ndarray, float]:
-        """X~ with X~^T X~ = X^T X (so ||X~ D|| = ||X D||), and ||X W||."""
-        if layer.name not in self._sketches:
-            stats = self.fit_stats(layer)
-            k = as_matrix(layer, layer.weight).shape[0]
-            sketch = np.eye(k) if stats is None else stats.sketch()
-            reference = float(np.linalg.norm(sketch @ as_matrix(layer, layer.weight.astype(np.float64))))
-            self._sketches[layer.name] = (sketch, reference)
-        return self._sketches[layer.name]
+    def _reference(self, layer: Layer) -> float:
+        """||X W||, X^T X as fit_stats gives it."""
+        if layer.name not in self._references:
+            w = as_matrix(layer, layer.weight.astype(np.float64))
+            self._references[layer.name] = float(np.sqrt(max(output_energy(w, self.fit_stats(layer)), 0.0)))
+        return self._references[layer.name]
+
+
+def output_energy(m: np.ndarray, stats) -> float:
+    """||X M||^2 = tr(M^T X^T X M), from the statistics alone (any X^T X they keep)."""
+    return float(np.sum(m * m)) if stats is None else float(np.sum(m * (stats.gram @ m)))
 
 
 def cached_shape(d) -> tuple[int, int]:
@@ -184,13 +215,16 @@ def as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
 
 
 def build(layers: list[Layer], factors: Factors, methods: list[str] | None = None,
-          forced: dict[str, Choice] | None = None, on_layer=None, prune: bool = True) -> Space:
-    """Grid, stage 1, layer errors, stage 2. Forced layers (`--layer`, `--exclude`) get one candidate.
+          forced: dict[str, Choice] | None = None, on_layer=None, prune: bool = True,
+          kept_dense: dict[str, str] | None = None) -> Space:
+    """Grid, stage 1, layer errors, stage 2. Forced layers (`--layer`, `--exclude`) get one candidate;
+    `kept_dense` layers (cannot_pay_off) their whole grid, dropped unscored with the reason.
 
     `prune=False` keeps the whole grid (every candidate gets timed): the exhaustive
     reference the pruned search is checked against.
     """
     forced = forced or {}
+    kept_dense = kept_dense or {}
     space = Space({})
     full = after1 = after2 = 0
     for layer in layers:
@@ -210,15 +244,33 @@ def build(layers: list[Layer], factors: Factors, methods: list[str] | None = Non
             continue
         cands = grid(layer, methods)
         full += len(cands)
+        if layer.name in kept_dense:
+            for c in cands[1:]:
+                c.dropped = f"{CANNOT_PAY_OFF} ({kept_dense[layer.name]})"
+            after1, after2 = after1 + 1, after2 + 1
+            space.candidates[layer.name] = cands
+            if on_layer:
+                on_layer(layer)
+            continue
         for c in cands[1:]:
             if prune and c.params >= layer.params and c.flops >= layer.flops:
                 c.dropped = SAVES_NOTHING
         alive = [c for c in cands if c.dropped is None]
         after1 += len(alive)
         max_ranks = _max_ranks(alive)
-        for c in alive:
-            if not c.is_dense:
-                c.error = factors.error(layer, c.choice, max_ranks.get(c.choice.method))
+        try:
+            with about_layer(layer.name):
+                for c in alive:
+                    if not c.is_dense:
+                        c.error = factors.error(layer, c.choice, max_ranks.get(c.choice.method))
+        except (MemoryError, np.linalg.LinAlgError) as exc:    # this layer's weights or data: not the run
+            log.warning("%s: its candidates could not be scored (%s: %s); kept dense (--exclude %s "
+                        "skips it; --memory-budget if memory ran out)", layer.name, type(exc).__name__,
+                        first_line(exc), layer.name)
+            for c in alive:
+                if not c.is_dense:
+                    c.dropped = f"{SCORING_FAILED}: {type(exc).__name__}"
+            alive = [c for c in alive if c.is_dense]
         factors.release(layer)
         for c in dominated(alive, ("params", "flops", "error")) if prune else []:
             c.dropped = DOMINATED

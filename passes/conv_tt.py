@@ -10,6 +10,7 @@ import numpy as np
 
 from denseflex_onnx import costs
 from denseflex_onnx.errors import UserError
+from denseflex_onnx.sketch import trace
 
 from .chain import Chain, conv_geometry, rank_from_text
 from .svd import partial_svd
@@ -92,14 +93,20 @@ def factorize(layer, config, stats=None, decomposition=None, mode: str = "plain"
 
 
 ALS_SWEEPS = 3
+# bounds on the refit's systems (the middle core's unknowns, and E1's entries), so one refit
+# stays within seconds and a few hundred MB; a core too big for them keeps its TT-SVD values
+MAX_UNKNOWNS = 2048
+MAX_DESIGN = 1 << 25
 
 
-def refit(g1: np.ndarray, m2: np.ndarray, c3: np.ndarray, kk: int, gram: np.ndarray, w: np.ndarray):
+def refit(g1: np.ndarray, m2: np.ndarray, c3: np.ndarray, kk: int, gram, w: np.ndarray):
     """Alternating least squares of the middle and last cores on the calibration patches:
     minimize ||X W - X E1 M2 C3|| with E1 = G1 (x) I_kk fixed, X^T X = gram. Each step is an
     exact least-squares solve, so the error never grows; the best sweep is kept."""
+    if g1.shape[1] * kk > MAX_UNKNOWNS or g1.size * kk * kk > MAX_DESIGN:
+        return m2, c3
     e1 = np.kron(g1, np.eye(kk))                              # [Cin*kk, r1*kk]
-    ridge = 1e-9 * max(float(np.trace(gram)) / len(gram), 1e-30)
+    ridge = 1e-9 * max(trace(gram) / len(gram), 1e-30)
 
     def objective(m, c):
         d = w - e1 @ m @ c

@@ -86,26 +86,58 @@ def decompose(layer, stats=None, max_rank: int | None = None, mode: str = "plain
 def decompose_matrix(w: np.ndarray, stats=None, max_rank: int | None = None,
                      mode: str = "plain") -> Decomposition:
     """Plain SVD of W, or data-aware: whitened (SVD-LLM: T = chol(X^T X)^T, so truncation
-    minimizes the output error) or scaled (ASVD: T = diag(mean|x|^0.5))."""
+    minimizes the output error) or scaled (ASVD: T = diag(mean|x|^0.5)).
+
+    `stats.gram` may be a full X^T X or a LowRankGram sketch of it (a symmetric root then
+    whitens, and T is never formed as a K x K matrix); either way only `@` is used on it.
+    """
     gram = stats.gram if stats is not None else None
     transform = untransform = None
     if gram is not None and mode == "whitened":
-        root = cholesky_root(gram)
-        if root is not None:
-            transform, untransform = root.T, np.linalg.inv(root.T)
+        transform, untransform = whitening(gram)
     elif gram is not None and mode == "scaled":
         scale = np.sqrt(np.maximum(stats.mean_abs, 1e-6 * max(float(stats.mean_abs.max()), 1e-12)))
-        transform, untransform = np.diag(scale), np.diag(1.0 / scale)
+        transform, untransform = Diagonal(scale), Diagonal(1.0 / scale)
     m = w if transform is None else transform @ w
     u, s, vt = truncated_svd(m, max_rank)
     if gram is None:
         energy, total = s ** 2, float(np.sum(w * w))
     else:
-        # error energy in the transformed space: G' = T^-T G T^-1 (identity when whitened)
-        g_t = gram if untransform is None else untransform.T @ gram @ untransform
-        energy = s ** 2 * np.sum(u * (g_t @ u), axis=0)
+        # the error energy triplet i removes: s_i^2 v_i^T G v_i with v_i = T^-1 u_i (1 when whitened)
+        v = u if untransform is None else untransform @ u
+        energy = s ** 2 * np.sum(v * (gram @ v), axis=0)
         total = float(np.sum(w * (gram @ w)))
     return Decomposition(u, s, vt, untransform, energy, total)
+
+
+class Diagonal:
+    """diag(values) as an operator: `D @ M` scales rows, without a K x K matrix."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+
+    def __matmul__(self, m: np.ndarray) -> np.ndarray:
+        return self.values[:, None] * m if m.ndim == 2 else self.values * m
+
+
+def whitening(gram):
+    """(T, T^-1) with T^T T = X^T X (+ a small ridge), or (None, None): plain SVD then.
+
+    A full X^T X gets its Cholesky root; a LowRankGram its symmetric square root."""
+    from denseflex_onnx.sketch import LowRankGram, trace
+    if isinstance(gram, LowRankGram):
+        ridge = 1e-6 * max(trace(gram) / len(gram), 1e-12)
+        return gram.power(0.5, ridge), gram.power(-0.5, ridge)
+    root = cholesky_root(gram)
+    if root is None:
+        return None, None
+    return root.T, scipy_inv_triangular(root.T)
+
+
+def scipy_inv_triangular(upper: np.ndarray) -> np.ndarray:
+    """The inverse of an upper triangular matrix (half the work of a general inverse)."""
+    import scipy.linalg
+    return scipy.linalg.solve_triangular(upper, np.eye(len(upper)), lower=False)
 
 
 def cholesky_root(gram: np.ndarray) -> np.ndarray | None:
@@ -124,16 +156,40 @@ def cholesky_root(gram: np.ndarray) -> np.ndarray | None:
 
 
 def truncated_svd(w: np.ndarray, max_rank: int | None = None):
-    """A randomized SVD when few triplets of a big matrix are wanted, else LAPACK's gesdd."""
+    """A randomized SVD when few triplets of a big matrix are wanted, else LAPACK's gesdd.
+
+    The randomized result is checked: if what it leaves out holds a direction stronger than
+    the weakest triplet it kept (it missed part of the leading subspace), gesdd is used."""
     full = min(w.shape)
-    if max_rank is not None and full > 512 and max_rank < full // 4:
-        return _randomized_svd(w, max_rank)
+    if max_rank is not None and full > 512 and max_rank < full // 2:
+        u, s, vt = _randomized_svd(w, max_rank)
+        if len(s) == 0 or _residual_norm(w, u, s, vt) <= RANDOMIZED_TOLERANCE * s[-1]:
+            return u, s, vt
+        log.debug("randomized SVD missed part of the leading subspace; exact SVD instead")
     import scipy.linalg    # imported where used: the CLI starts faster
 
     try:
         return scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesdd")
     except np.linalg.LinAlgError:
         return scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesvd")
+
+
+# the residual's top singular value may exceed the last kept one by this much (a flat
+# spectrum, where the two are nearly equal and either choice loses the same energy)
+RANDOMIZED_TOLERANCE = 1.05
+
+
+def _residual_norm(w: np.ndarray, u: np.ndarray, s: np.ndarray, vt: np.ndarray, steps: int = 8) -> float:
+    """||W - U S V^T||_2, by power iteration on the residual (matrix-vector products only)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(w.shape[1])
+    norm = 0.0
+    for _ in range(steps):
+        x /= max(np.linalg.norm(x), 1e-300)
+        y = w @ x - u @ (s * (vt @ x))
+        x = w.T @ y - vt.T @ (s * (u.T @ y))
+        norm = float(np.sqrt(max(np.linalg.norm(x), 0.0)))
+    return norm
 
 
 def partial_svd(matrix, n_eigenvecs: int | None = None, **_):
