@@ -152,10 +152,96 @@ def test_all_svd_rank_one_head_loses_accuracy_and_layer_override_keeps_it(mlp_sv
     assert accuracy(kept, MLP_DATA) >= original - 1.0
 
 
+def _interface(graph) -> list[tuple]:
+    """(name, elem_type, dims) of every graph input and output; a symbolic dim by its name."""
+    return [(v.name, v.type.tensor_type.elem_type,
+             [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in (*graph.input, *graph.output)]
+
+
+def _summary_rows(stdout: str) -> dict[str, tuple[str, int, int, str]]:
+    """The apply table: layer -> (spec, params before, params after, FLOPs column)."""
+    rows = {}
+    for line in stdout.splitlines():
+        found = re.search(r"(/\d+/Gemm)\W+(svd:\d+)\W+([\d,]+) -> ([\d,]+)\W+"
+                          r"([\d.]+(?: [kMG])? -> [\d.]+(?: [kMG])?)", line)
+        if found:
+            layer, spec, before, after, flops = found.groups()
+            rows[layer] = (spec, int(before.replace(",", "")), int(after.replace(",", "")), flops)
+    return rows
+
+
+def _si(value: float, units) -> str:
+    """As the CLI prints a count: two decimals in the largest unit it reaches."""
+    for unit, size in units:
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f}"
+
+
 def test_all_svd_output_is_valid(mlp_svd, work):
+    """`--all svd:0.1` on the MLP: a valid model (full checker) with the original interface, each Gemm
+    replaced by x @ A @ B + bias where A @ B is a best rank-r approximation of W^T (Eckart-Young,
+    against numpy's SVD), onnxruntime on it equal to numpy on those reconstructed weights, and the
+    printed summary (specs, params, FLOPs, weight bytes) equal to what the written graph holds."""
     out, result = mlp_svd
-    check_output(MLP, out, MLP_DATA, {name: "svd" for name in (*HIDDEN, HEAD)})
-    assert "svd:78" in result.stdout and "svd:102" in result.stdout
+    layers = (*HIDDEN, HEAD)
+    model = check_output(MLP, out, MLP_DATA, {name: "svd" for name in layers})
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    before = onnx.load(str(MLP))
+    assert _interface(model.graph) == _interface(before.graph)
+    assert _interface(model.graph) == [("x", onnx.TensorProto.FLOAT, ["batch", 784]),
+                                       ("logits", onnx.TensorProto.FLOAT, ["batch", 10])]
+
+    old_inits = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    new_inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    old_nodes = {n.name: n for n in before.graph.node}
+    # nothing of the old weights left, nothing but each layer's two factors and its bias added
+    assert set(new_inits) == {f"{layer}/svd/{part}" for layer in layers for part in ("A", "B", "bias")}
+    rows = _summary_rows(result.stdout)
+    assert set(rows) == set(layers), result.stdout
+    chain = []
+    for layer in layers:
+        node = old_nodes[layer]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert node.op_type == "Gemm" and attrs == {"alpha": 1.0, "beta": 1.0, "transB": 1}, attrs
+        w, bias = old_inits[node.input[1]], old_inits[node.input[2]]          # W [N, K]: y = x @ W^T + b
+        n, k = w.shape
+        rank = int(np.floor(0.1 * min(k, n) + 0.5))                             # CLI.md: a fraction of min(K, N)
+        a, b, new_bias = (new_inits[f"{layer}/svd/{part}"] for part in ("A", "B", "bias"))
+        assert a.dtype == b.dtype == new_bias.dtype == np.float32
+        assert a.shape == (k, rank) and b.shape == (rank, n), (layer, a.shape, b.shape)
+        np.testing.assert_array_equal(new_bias, bias)
+        target = w.T.astype(np.float64)
+        recon = a.astype(np.float64) @ b.astype(np.float64)
+        sv = np.linalg.svd(target, compute_uv=False)
+        best = float(np.sqrt(np.sum(sv[rank:] ** 2)))       # no rank-r matrix is closer (Frobenius)
+        err = float(np.linalg.norm(target - recon))
+        assert best * (1 - 1e-4) <= err <= best * 1.02 + 1e-6, (layer, err, best)   # randomized SVD: ~1.006
+        # the summary row: spec, params of the dense layer and of what the graph now holds for it
+        spec, p_before, p_after, flops = rows[layer]
+        assert spec == f"svd:{rank}"
+        assert p_before == w.size + bias.size
+        assert p_after == a.size + b.size + new_bias.size
+        # FLOPs at the batch apply defaults to (1): 2 x MACs of x @ W^T before, x @ A then @ B after
+        g = (("G", 1e9), ("M", 1e6), ("k", 1e3))
+        assert flops == f"{_si(2 * k * n, g)} -> {_si(2 * (k * rank + rank * n), g)}", (layer, flops)
+        chain.append((recon, new_bias.astype(np.float64)))
+    weights_before = sum(v.nbytes for v in old_inits.values())
+    weights_after = sum(v.nbytes for v in new_inits.values())
+    b_units = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
+    assert f"weights {_si(weights_before, b_units)} -> {_si(weights_after, b_units)};" in result.stdout
+
+    # onnxruntime on the written model against numpy on the reconstructed weights (Gemm, ReLU, ..., Gemm)
+    assert [n.op_type for n in before.graph.node] == ["Gemm", "Relu"] * 3 + ["Gemm"]
+    x = np.load(MLP_DATA)["x"][:512]
+    h = x.astype(np.float64)
+    for i, (recon, bias) in enumerate(chain):
+        h = h @ recon + bias
+        if i < len(chain) - 1:
+            h = np.maximum(h, 0.0)
+    (y,) = session(out).run(["logits"], {"x": x})
+    assert y.dtype == np.float32 and y.shape == (len(x), 10)
+    np.testing.assert_allclose(y, h, rtol=1e-4, atol=1e-4 * float(np.abs(h).max()))
 
 
 def test_plan_round_trip(mlp_plan, mlp_svd, work):

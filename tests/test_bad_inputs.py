@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -245,6 +246,8 @@ def _selected(request) -> set[str]:
             ids.add(params["case"].id)
         elif item.originalname == "test_impossible_constraints_contract":
             ids.add("impossible-latency")
+        elif item.originalname == "test_corpus_size":
+            ids |= {c.id for c in CASES}
     return ids
 
 
@@ -343,5 +346,112 @@ def test_inspect_nothing_to_factorize(tmp_path):
     assert _snapshot(tmp_path) == before
 
 
-def test_corpus_size():
-    assert len(CASES) >= 24
+def _model_bytes(run: Run) -> bytes | None:
+    path = run.folder / MODEL
+    return path.read_bytes() if path.is_file() else None
+
+
+def _parses(data: bytes) -> onnx.ModelProto | None:
+    """The model if the bytes are a complete ONNX model the checker accepts, else None."""
+    try:
+        proto = onnx.load_model_from_string(data)
+        onnx.checker.check_model(proto)
+    except Exception:               # DecodeError, ValidationError: not a usable model
+        return None
+    return proto if proto.graph.node else None
+
+
+def _ops(graph: onnx.GraphProto) -> set[str]:
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attr in node.attribute:
+            for g in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                ops |= _ops(g)
+    return ops
+
+
+def _provider_names(args: list[str]) -> list[str]:
+    short = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+    return [short.get(args[i + 1], args[i + 1]) for i, a in enumerate(args[:-1]) if a == "--provider"]
+
+
+def _not_onnx(run: Run) -> bool:
+    data = _model_bytes(run)
+    return bool(data) and _parses(data) is None and not graphs.mlp((64, 96, 48, 10)).SerializeToString().startswith(data)
+
+
+def _truncated_model(run: Run) -> bool:
+    data, whole = _model_bytes(run), graphs.mlp((64, 96, 48, 10)).SerializeToString()
+    return bool(data) and len(data) < len(whole) and whole.startswith(data) and _parses(data) is None
+
+
+def _nothing_to_factorize(run: Run) -> bool:
+    proto = _parses(_model_bytes(run) or b"")
+    return proto is not None and not _ops(proto.graph) & {"Gemm", "MatMul", "Conv"} \
+        and run.case.args[0] in ("apply", "optimize", "explore")
+
+
+def _dynamic_without_hint(run: Run) -> bool:
+    proto = _parses(_model_bytes(run) or b"")
+    if proto is None or "--input-shape" in run.case.args:
+        return False
+    dims = [d for i in proto.graph.input for d in list(i.type.tensor_type.shape.dim)[1:]]
+    return any(d.dim_param or not d.HasField("dim_value") for d in dims)
+
+
+def _impossible(run: Run) -> bool:
+    report = run.folder / "out.report.json"
+    return (any(a in run.case.args for a in ("--latency", "--memory", "--flops")) and report.is_file()
+            and json.loads(report.read_text()).get("status") == "infeasible" and "out.onnx" not in run.after
+            and "out.closest.onnx" in run.after)
+
+
+def _provider_missing(run: Run) -> bool:
+    names = _provider_names(run.case.args)
+    return bool(names) and all(n not in ort.get_available_providers() for n in names)
+
+
+# each kind of bad input the project's standards name: how to tell a case really is one, and what
+# its error line must then say
+KINDS = {
+    "a file that is not ONNX": (_not_onnx, "not an ONNX model"),
+    "a truncated model": (_truncated_model, "truncated"),
+    "nothing to factorize": (_nothing_to_factorize, "nothing to factorize"),
+    "a dynamic dim with no --input-shape": (_dynamic_without_hint, "--input-shape"),
+    "constraints that cannot be met": (_impossible, "constraints not met"),
+    "a provider that is not installed": (_provider_missing, "installed"),
+}
+
+
+def test_corpus_size(runs):
+    """The corpus, as it ran: every case not skipped was started and refused (exit 2, one error line,
+    no traceback), and each kind of bad input in KINDS is there, judged on the case's own input
+    files and arguments (not its id), with the error line that kind calls for."""
+    assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique (runs is keyed by them)"
+    ran = {}
+    for case in CASES:
+        if case.skip:
+            assert case.id not in runs, case.id
+            continue
+        run = runs.get(case.id)
+        assert run is not None, f"case {case.id} never ran"
+        if isinstance(run, str):                 # skipped after setup by its own skip_if, with the reason
+            assert case.skip_if is not None, (case.id, run)
+            continue
+        r = run.result
+        assert r.returncode == 2, _where(run)
+        assert "Traceback" not in r.stderr + r.stdout, _where(run)
+        err = _lines(r.stderr)
+        errors = [line for line in err if line.startswith("error:")]
+        assert len(errors) == 1 and err[-1] == errors[0] and len(err) <= 3, _where(run)
+        ran[case.id] = run
+    for kind, (really, phrase) in KINDS.items():
+        cases = [cid for cid, run in ran.items() if really(run)]
+        assert cases, f"no case in the corpus is {kind}"
+        for cid in cases:
+            last = _lines(ran[cid].result.stderr)[-1]
+            assert phrase in last, f"{cid} ({kind}): {phrase!r} not in {last!r}"
+    # the three commands that refuse a model with nothing to factorize are all covered
+    nothing = {ran[cid].case.args[0] for cid in ran if _nothing_to_factorize(ran[cid])}
+    assert nothing == {"apply", "optimize", "explore"}, nothing

@@ -146,13 +146,49 @@ def test_matmul_add_not_fused(tmp_path, other, readers):
 
 
 def test_matmul_then_scalar_add_does_not_crash(tmp_path):
-    """N = 1 and a 0-d constant: it has N elements; discovery must not raise (fused or not)."""
+    """N = 1 and a 0-d constant: it has N elements, so the Add is fused as the layer's bias [1];
+    discovery does not raise, and a full-rank rewrite of the fused pair is exact."""
+    from denseflex_onnx.passes import PASSES
+    from denseflex_onnx.plan import Choice, Plan
+    from denseflex_onnx.rewrite import rewrite_model
+
     m = gx.matmul_scalar_add(12)
-    _, found = discover(m, tmp_path, {"X": (4, 12)})
+    loaded, found = discover(m, tmp_path, {"X": (4, 12)})
     layer = only_layer(found)
+    assert found.skipped == []
+    assert (layer.name, layer.op, layer.side) == ("mm", "MatMul", "right")
+    assert layer.input == "X" and layer.output == "Y" and layer.node_outputs == ("H", "Y")   # the Add fused
+    assert layer.weight.dtype == np.float32
+    np.testing.assert_array_equal(layer.weight, init_array(m, "W"))                         # [12, 1]
+    assert layer.bias is not None and layer.bias.shape == (1,) and layer.bias.dtype == np.float32
+    np.testing.assert_array_equal(layer.bias, np.reshape(init_array(m, "b"), (1,)))          # 0.5
+    assert layer.activation_shape == (4, 12) and layer.output_shape == (4, 1)
+    assert layer.params == 12 * 1 + 1 and layer.flops == 2 * 4 * 12 * 1
+    assert found.total_params == 13 and found.total_flops == 96
+    # the record computes the fused pair: by numpy from the initializers and by onnxruntime
     x = np.random.default_rng(4).standard_normal((4, 12)).astype(np.float32)
-    want = gx.run(m, {"X": x}, [layer.output])[0]
-    np.testing.assert_allclose(layer_output(layer, x), want, rtol=1e-4, atol=1e-4)
+    by_numpy = x.astype(np.float64) @ init_array(m, "W").astype(np.float64) + 0.5
+    (want,) = gx.run(m, {"X": x}, [layer.output])
+    np.testing.assert_allclose(want, by_numpy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer_output(layer, x), want, rtol=1e-5, atol=1e-5)
+    # K x 1 has nothing to factorize, but the svd chain at its full rank (1) must still be exact,
+    # bias and all, against onnxruntime on the original graph
+    assert "dimension of 1" in (PASSES["svd"].applies(layer) or "")
+    choice = Choice("svd", {"rank": PASSES["svd"].full_rank(layer)})
+    assert choice.config == {"rank": 1}
+    factors = PASSES["svd"].factorize(layer, choice.config)
+    assert [f.shape for f in factors] == [(12, 1), (1, 1)]
+    out = rewrite_model(loaded.proto, {layer.name: layer}, Plan({layer.name: choice}), {layer.name: factors})
+    onnx.checker.check_model(out, full_check=True)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops == ["MatMul", "MatMul", "Add"], ops            # the old MatMul and Add are gone
+    assert [o.name for o in out.graph.output] == ["Y"]
+    for batch in (1, 4, 33):
+        xb = np.random.default_rng(batch).standard_normal((batch, 12)).astype(np.float32)
+        (got,) = gx.run(out, {"X": xb})
+        (ref,) = gx.run(m, {"X": xb})
+        assert got.shape == ref.shape == (batch, 1) and got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("via", ["Constant", "Identity", "Cast", "Transpose"])

@@ -298,8 +298,33 @@ def model_file(tmp_path):
     return graphs.save(graphs.gemm(), tmp_path / "in.onnx")
 
 
-def test_check_output_path_accepts_a_new_file(tmp_path, model_file):
-    M.check_output_path(tmp_path / "out.onnx", [model_file], False)
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): (b"<dir>" if p.is_dir() else p.read_bytes())
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_check_output_path_accepts_a_new_file(tmp_path, model_file, monkeypatch):
+    """A path that does not exist yet, in a writable folder, passes with or without --force, and
+    the check itself writes nothing; once the file exists, only --force lets it through."""
+    out, plan = tmp_path / "out.onnx", tmp_path / "out.plan.json"
+    before = _tree(tmp_path)
+    for force in (False, True):
+        assert M.check_output_path(out, [model_file], force) is None
+        assert M.check_output_path(out, [model_file], force, plan) is None
+    (tmp_path / "sub").mkdir()
+    before["sub"] = b"<dir>"
+    assert M.check_output_path(tmp_path / "sub" / "out.onnx", [model_file], False) is None
+    monkeypatch.chdir(tmp_path)                     # a bare file name: the folder is "."
+    assert M.check_output_path(Path("out.onnx"), [model_file], False) is None
+    assert _tree(tmp_path) == before                # nothing created (no temp, no probe), input intact
+    assert not out.exists() and not plan.exists()
+    # the same path, once something is there
+    out.write_bytes(b"keep me")
+    with pytest.raises(UserError) as info:
+        M.check_output_path(out, [model_file], False)
+    assert str(out) in str(info.value) and "--force" in str(info.value)
+    assert M.check_output_path(out, [model_file], True) is None
+    assert out.read_bytes() == b"keep me"           # checking is not writing, even with --force
 
 
 @pytest.mark.parametrize("force", [False, True])

@@ -79,14 +79,62 @@ def test_milp_returns_none_when_nothing_fits():
     assert solve(space, baseline, limits, "latency", 10.0, {n: 4 for n in space.candidates}) is None
 
 
-def test_exclude_gives_a_different_plan():
-    space = random_space(np.random.default_rng(3))
-    baseline = Baseline(10.0, 100_000, 200_000, 90.0)
-    limits = Limits(None, None, None, 1.0)
+def ranked_plans(space, baseline, limits, objective, error_budget, itemsize):
+    """Every feasible combination with its objective value, best first (brute force, no solver)."""
+    names = sorted(space.candidates)
+    dense = {n: space.candidates[n][0] for n in names}
+    feasible = []
+    for combo in itertools.product(*(space.candidates[n] for n in names)):
+        choices = dict(zip(names, combo))
+        e = estimate(choices, dense, baseline, itemsize)
+        if ((limits.latency is None or e.latency <= limits.latency + 1e-12)
+                and (limits.bytes is None or e.bytes <= limits.bytes + 1e-9)
+                and (limits.flops is None or e.flops <= limits.flops + 1e-9)
+                and e.error <= error_budget + 1e-12):
+            value = {"latency": e.latency, "memory": e.bytes, "flops": e.flops, "accuracy": e.error}[objective]
+            feasible.append((value, choices))
+    feasible.sort(key=lambda item: item[0])
+    return feasible
+
+
+def _same_plan(a, b) -> bool:
+    return a.keys() == b.keys() and all(a[n] is b[n] for n in a)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exclude_gives_a_different_plan(seed):
+    """`exclude` (the next-best alternatives of --top-k): each solve returns a plan not excluded,
+    within every limit and the error budget, and as good as the best of the plans brute force
+    finds once the excluded ones are struck out, so the k-th solve is the k-th best plan."""
+    rng = np.random.default_rng(seed)
+    space = random_space(rng)
     itemsize = {n: 4 for n in space.candidates}
-    first = solve(space, baseline, limits, "latency", 2.0, itemsize)
-    second = solve(space, baseline, limits, "latency", 2.0, itemsize, exclude=[first])
-    assert second is not None and any(second[n] is not first[n] for n in first)
+    dense = {n: c[0] for n, c in space.candidates.items()}
+    total_params = sum(c.params for c in dense.values())
+    baseline = Baseline(latency=10.0, bytes=4 * total_params + 1000, flops=200_000, metric=90.0)
+    limits = Limits(latency=9.0, bytes=baseline.bytes * 0.8, flops=baseline.flops * 0.95, accuracy_drop=1.0)
+    budget = 0.8
+    ranked = ranked_plans(space, baseline, limits, "latency", budget, itemsize)
+    assert len(ranked) >= 4, "the space must leave a few feasible plans to rank"
+    excluded = []
+    for k in range(3):
+        got = solve(space, baseline, limits, "latency", budget, itemsize, exclude=list(excluded))
+        assert got is not None
+        assert set(got) == set(space.candidates)
+        assert not any(_same_plan(got, plan) for plan in excluded), f"solve {k + 1} returned an excluded plan"
+        e = estimate(got, dense, baseline, itemsize)
+        assert e.latency <= limits.latency + 1e-9 and e.bytes <= limits.bytes + 1e-9
+        assert e.flops <= limits.flops + 1e-9 and e.error <= budget + 1e-9
+        left = [(v, plan) for v, plan in ranked if not any(_same_plan(plan, x) for x in excluded)]
+        assert e.latency == pytest.approx(left[0][0], rel=1e-9, abs=1e-9), (k, e.latency, left[0][0])
+        assert any(_same_plan(got, plan) for _, plan in left)
+        excluded.append(got)
+    # the three values are the three best, in order (strictly worse each time, up to ties)
+    values = [estimate(p, dense, baseline, itemsize).latency for p in excluded]
+    assert values == pytest.approx([v for v, _ in ranked[:3]], rel=1e-9, abs=1e-9)
+    assert values[0] <= values[1] <= values[2]
+    # excluding every feasible plan leaves nothing
+    assert solve(space, baseline, limits, "latency", budget, itemsize, exclude=[p for _, p in ranked]) is None
 
 
 def test_dominated_keeps_dense_and_drops_worse_on_every_key():
