@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from .errors import UserError
-from .model import LoadedModel, graph_inputs, first_line
+from .model import LoadedModel, fixed_dim, graph_inputs, first_line
 
 log = logging.getLogger("denseflex_onnx")
 
@@ -36,7 +36,7 @@ def _input_types(model: LoadedModel) -> dict[str, tuple[np.dtype, list]]:
     out = {}
     for info in graph_inputs(model.proto):
         t = info.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        dims = [fixed_dim(d) for d in t.shape.dim]          # -1 or 0 (as Paddle writes) is symbolic
         out[info.name] = (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), dims)
     return out
 
@@ -133,7 +133,7 @@ def batching(model: LoadedModel, fed_whole=()) -> tuple[int, bool]:
         if info.name in fed_whole:
             continue
         dims = info.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
+        if dims and fixed_dim(dims[0]) is not None:
             return dims[0].dim_value, True
     return SYMBOLIC_BATCH_CHUNK, False
 

@@ -15,7 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import costs
-from .model import LoadedModel
+from .model import LoadedModel, all_graphs
 
 FACTORIZABLE_OPS = ("Gemm", "MatMul", "Conv")
 QUANTIZED_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
@@ -424,13 +424,15 @@ def _node_flops(node: onnx.NodeProto, shapes) -> int:
 
 
 def _count_params(model: onnx.ModelProto) -> int:
-    """Elements of the floating-point constants of the main graph."""
+    """Elements of the floating-point constants of the model, If/Loop/Scan bodies included
+    (where its layers may be)."""
     total = 0
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
               onnx.TensorProto.BFLOAT16}
-    tensors = list(model.graph.initializer) + [
-        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    for t in tensors:
-        if t.data_type in floats:
-            total += costs.prod(t.dims)
+    for graph in all_graphs(model.graph):
+        tensors = list(graph.initializer) + [
+            a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+        for t in tensors:
+            if t.data_type in floats:
+                total += costs.prod(t.dims)
     return total

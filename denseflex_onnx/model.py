@@ -31,7 +31,7 @@ _SHAPE_RE = re.compile(r"^\s*\[?\s*(\d+(?:\s*[x,]\s*\d+)*)\s*\]?\s*$")
 @dataclass
 class LoadedModel:
     path: Path
-    proto: onnx.ModelProto          # weights loaded, shapes inferred
+    proto: onnx.ModelProto          # the file as read, weights loaded (inferred shapes stay out)
     sha256: str
     input_shapes: dict[str, tuple[int, ...]]   # the concrete shapes it is profiled at
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor shape known
@@ -115,12 +115,28 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def fixed_dim(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """A dim's size when the model fixes it; None when it is symbolic or unknown.
+
+    Exporters write a dynamic dim as dim_value -1 (Paddle) or 0: those are not sizes.
+    """
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+
+
+def _dim_label(dim: onnx.TensorShapeProto.Dimension, unknown: str = "unknown") -> str:
+    """How a message names a dim that is not fixed: its symbol, -1 or 0 as written, or `unknown`."""
+    if dim.HasField("dim_value"):
+        return str(dim.dim_value)
+    return dim.dim_param or unknown
+
+
 def resolve_input_shapes(model: onnx.ModelProto,
                          given: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Concrete input shapes: the model's own dims, `--input-shape` for the rest.
 
     A symbolic leading dim defaults to 1 with a warning; any other unresolved dim
-    is an error naming the input, the dim and the flag.
+    is an error naming the input, the dim and the flag. A dim_value of -1 or 0 is
+    symbolic too (fixed_dim).
     """
     inputs = {i.name: i for i in graph_inputs(model)}
     unknown = sorted(set(given) - set(inputs))
@@ -136,29 +152,39 @@ def resolve_input_shapes(model: onnx.ModelProto,
                 raise UserError(f"--input-shape {name}: {len(shape)} dims given, the model's input "
                                 f"has {len(dims)}")
             for i, d in enumerate(dims):
-                if d.HasField("dim_value") and d.dim_value != shape[i]:
+                if fixed_dim(d) is not None and d.dim_value != shape[i]:
                     raise UserError(f"--input-shape {name}: dim {i} is fixed at {d.dim_value} in the "
                                     f"model, {shape[i]} given")
             shapes[name] = tuple(shape)
             continue
         shape = []
         for i, d in enumerate(dims):
-            if d.HasField("dim_value") and d.dim_value > 0:
+            if fixed_dim(d) is not None:
                 shape.append(d.dim_value)
             elif i == 0:
                 log.warning("input %s: dim 0 (%s) is symbolic; using 1 (set it with "
-                            "--input-shape %s:...)", name, d.dim_param or "?", name)
+                            "--input-shape %s:...)", name, _dim_label(d, "?"), name)
                 shape.append(1)
             else:
-                raise UserError(f"input {name}: dim {i} ({d.dim_param or 'unknown'}) is not fixed; "
+                raise UserError(f"input {name}: dim {i} ({_dim_label(d)}) is not fixed; "
                                 f"give it with --input-shape {name}:1x...")
         shapes[name] = tuple(shape)
     return shapes
 
 
 def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
-    """A copy of the model whose inputs have these concrete dims (for inference and profiling)."""
+    """A copy of the model whose inputs have these concrete dims (for shape inference).
+
+    Dims written as -1 or 0 anywhere else (outputs, value_info, bodies) become unknown:
+    onnx would take them for sizes and clash with what it infers.
+    """
     fixed = copy.deepcopy(model)
+    for graph in all_graphs(fixed.graph):
+        for info in [*graph.input, *graph.value_info, *graph.output]:
+            if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+                for d in info.type.tensor_type.shape.dim:
+                    if d.HasField("dim_value") and d.dim_value <= 0:
+                        d.Clear()
     for info in fixed.graph.input:
         if info.name in shapes:
             dims = info.type.tensor_type.shape.dim
@@ -177,12 +203,12 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     except Exception as exc:
         log.warning("shape inference failed (%s); shapes will be measured", first_line(exc))
     shapes: dict[str, tuple[int, ...]] = {}
-    for graph in _graphs(fixed.graph):
+    for graph in all_graphs(fixed.graph):
         for info in [*graph.input, *graph.value_info, *graph.output]:
             if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
                 continue
             dims = info.type.tensor_type.shape.dim
-            if all(d.HasField("dim_value") for d in dims):
+            if all(fixed_dim(d) is not None for d in dims):
                 shapes[info.name] = tuple(d.dim_value for d in dims)
         for init in graph.initializer:
             shapes[init.name] = tuple(init.dims)
@@ -221,16 +247,25 @@ def without_big_data(model: onnx.ModelProto, stubs: bool = True) -> onnx.ModelPr
     return skeleton
 
 
-def _graphs(graph: onnx.GraphProto):
+def all_graphs(graph: onnx.GraphProto):
     """The graph and every If/Loop/Scan body in it, depth first."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
+                yield from all_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from _graphs(sub)
+                    yield from all_graphs(sub)
+
+
+def _bodies(node: onnx.NodeProto):
+    """The bodies a control-flow node holds (If branches, a Loop or Scan body)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
 
 
 def load(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None) -> LoadedModel:
@@ -239,7 +274,7 @@ def load(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | Non
     proto, external = read_model(path)
     concrete = resolve_input_shapes(proto, input_shapes or {})
     shapes = infer_shapes(proto, concrete)
-    missing = sorted({t for n in proto.graph.node if n.op_type in _SHAPES_NEEDED
+    missing = sorted({t for graph in all_graphs(proto.graph) for n in graph.node if n.op_type in _SHAPES_NEEDED
                       for t in [*n.input, *n.output] if t and t not in shapes})
     if missing:
         shapes.update(measure_shapes(proto, concrete, missing))
@@ -253,35 +288,203 @@ _SHAPES_NEEDED = ("Gemm", "MatMul", "Conv", "Add")
 
 def measure_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
                    names: list[str]) -> dict[str, tuple[int, ...]]:
-    """Shapes that inference could not resolve, read off one onnxruntime run at these input shapes."""
-    from .runtime import create_session, input_dtypes
-    tapped = onnx.ModelProto()
-    tapped.CopyFrom(model)
-    outputs = {o.name for o in tapped.graph.output}
-    for name in names:
-        if name not in outputs:
-            tapped.graph.output.append(onnx.ValueInfoProto(name=name))
+    """Shapes that inference could not resolve, read off onnxruntime runs at these input shapes.
+
+    Main-graph tensors are read off one run of a copy that outputs them too. A tensor inside
+    an If/Loop/Scan body cannot be a graph output, and a branch not taken never computes it:
+    each body that holds one is run on its own, as a model whose inputs are the outer values
+    it reads (measured in the same run) and, for a Loop or Scan, its first iteration's inputs.
+    Nested bodies recurse the same way.
+    """
+    feeds = {}
+    for info in graph_inputs(model):
+        elem = info.type.tensor_type.elem_type if info.type.HasField("tensor_type") else 0
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+        except Exception:          # an undefined element type: what onnxruntime assumes
+            dtype = np.dtype(np.float32)
+        feeds[info.name] = np.ones(input_shapes[info.name], dtype=dtype)
+    shapes: dict[str, tuple[int, ...]] = {}
     try:
-        session = create_session(tapped)
-        feeds = {name: np.ones(input_shapes[name], dtype=dtype)
-                 for name, dtype in input_dtypes(session).items()}
-        values = session.run(names, feeds)
+        _measure(model, feeds, set(names), shapes)
     except Exception as exc:
         log.warning("could not measure tensor shapes (%s); some layers may be skipped", first_line(exc))
+    return shapes
+
+
+def _measure(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: set[str],
+             shapes: dict[str, tuple[int, ...]]) -> None:
+    """Shapes of the `wanted` tensors of this model's graph and of its bodies, into `shapes`."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    produced = {o for n in graph.node for o in n.output if o}
+    here = wanted & produced
+    bodies = [(node, body, wanted & _defined(body)) for node in graph.node for body in _bodies(node)]
+    bodies = [(node, body, inside) for node, body, inside in bodies if inside]
+    outer = set()
+    for node, body, _ in bodies:     # what the body reads, and a Loop's or Scan's own inputs
+        outer |= (_free_names(body) | (set() if node.op_type == "If" else set(node.input))) & produced
+    values: dict = dict(feeds)
+    try:
+        values.update(_run_taps(model, feeds, here | outer))
+    except Exception as exc:
+        if not here or not outer:
+            raise
+        # a main-graph tensor this run cannot reach (say, behind an If that fails on these
+        # made-up inputs) must not cost the bodies their shapes
+        log.warning("could not measure tensor shapes (%s); some layers may be skipped", first_line(exc))
+        values.update(_run_taps(model, feeds, outer))
+    for name in wanted & (produced | set(feeds)):
+        if isinstance(values.get(name), np.ndarray):
+            shapes[name] = tuple(int(d) for d in values[name].shape)
+    for node, body, inside in bodies:
+        try:
+            standalone = _standalone_body(model, node, body, values, inits)
+            if standalone is None:
+                log.warning("shapes inside %s (%s) cannot be measured; its layers may be skipped",
+                            node.name or node.output[0], node.op_type)
+                continue
+            _measure(*standalone, inside, shapes)
+        except Exception as exc:
+            log.warning("could not measure tensor shapes inside %s (%s); its layers may be skipped",
+                        node.name or node.output[0], first_line(exc))
+
+
+def _run_taps(model: onnx.ModelProto, feeds: dict[str, np.ndarray], taps: set[str]) -> dict:
+    """These tensors' values from one run of a copy that outputs them and runs only what they need:
+    onnxruntime runs every node it is given, and a node the taps do not need (an If whose
+    branch fails on made-up inputs, a sample rate of 1) must not stop the measurement."""
+    from .runtime import create_session
+    if not taps:
         return {}
-    return {name: tuple(v.shape) for name, v in zip(names, values)}
+    order = sorted(taps)
+    needed = _needed_nodes(model.graph, taps)
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(model)
+    del tapped.graph.output[:]
+    tapped.graph.output.extend(onnx.ValueInfoProto(name=name) for name in order)
+    del tapped.graph.node[:]
+    tapped.graph.node.extend(n for i, n in enumerate(model.graph.node) if i in needed)
+    return dict(zip(order, create_session(tapped).run(order, feeds)))
+
+
+def _needed_nodes(graph: onnx.GraphProto, names: set[str]) -> set[int]:
+    """Indices of the nodes these tensors depend on (a body's outer reads included)."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    needed: set[int] = set()
+    todo = [name for name in names if name in producer]
+    while todo:
+        index = producer[todo.pop()]
+        if index in needed:
+            continue
+        needed.add(index)
+        node = graph.node[index]
+        reads = set(node.input)
+        for body in _bodies(node):
+            reads |= _free_names(body)
+        todo.extend(name for name in reads if name in producer and producer[name] not in needed)
+    return needed
+
+
+def _defined(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor a body and the bodies nested in it define."""
+    names = {i.name for i in graph.input} | {o for n in graph.node for o in n.output if o}
+    for node in graph.node:
+        for body in _bodies(node):
+            names |= _defined(body)
+    return names
+
+
+def _free_names(graph: onnx.GraphProto) -> set[str]:
+    """The outer-scope tensors a body reads (nested bodies included)."""
+    defined = ({i.name for i in graph.input} | {i.name for i in graph.initializer}
+               | {o for n in graph.node for o in n.output if o})
+    read = set()
+    for node in graph.node:
+        read.update(node.input)
+        for body in _bodies(node):
+            read |= _free_names(body)
+    return read - defined - {""}
+
+
+def _standalone_body(model: onnx.ModelProto, node: onnx.NodeProto, body: onnx.GraphProto, values: dict,
+                     inits: dict) -> tuple[onnx.ModelProto, dict[str, np.ndarray]] | None:
+    """A body as a model of its own, and its feeds: None where its inputs cannot be had."""
+    def value_of(name: str):
+        if name in values:
+            return values[name]
+        if name in inits:
+            return onnx.numpy_helper.to_array(inits[name])
+        return None
+
+    formal = _first_iteration(model, node, body, value_of)
+    if formal is None:
+        return None
+    graph = onnx.GraphProto(name=body.name or "body")
+    graph.node.extend(body.node)
+    graph.initializer.extend(body.initializer)
+    feeds: dict[str, np.ndarray] = {}
+    for name in sorted(_free_names(body)):
+        if name in inits:
+            graph.initializer.append(inits[name])
+        elif isinstance(values.get(name), np.ndarray):
+            feeds[name] = values[name]
+        else:
+            return None            # a sequence or an optional: not fed here
+    feeds.update(formal)
+    for name, array in feeds.items():
+        graph.input.append(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
+    standalone = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "domain"):
+        setattr(standalone, field, getattr(model, field))
+    standalone.opset_import.extend(model.opset_import)
+    standalone.functions.extend(model.functions)
+    standalone.graph.CopyFrom(graph)
+    return standalone, feeds
+
+
+def _first_iteration(model: onnx.ModelProto, node: onnx.NodeProto, body: onnx.GraphProto,
+                     value_of) -> dict[str, np.ndarray] | None:
+    """The values a body's own inputs take on its first run: none for an If branch; the
+    iteration number, condition and initial loop-carried values for a Loop; the initial
+    states and the first slice of each scanned input for a Scan."""
+    names = [i.name for i in body.input]
+    if node.op_type == "If":
+        return {} if not names else None
+    if node.op_type == "Loop":
+        carried = [value_of(name) for name in node.input[2:]]
+        if len(names) != 2 + len(carried) or any(not isinstance(v, np.ndarray) for v in carried):
+            return None
+        return dict(zip(names, [np.array(0, dtype=np.int64), np.array(True), *carried]))
+    if node.op_type == "Scan" and next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0) >= 9:
+        scanned = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+        axes = next((list(a.ints) for a in node.attribute if a.name == "scan_input_axes"), None) or [0] * scanned
+        given = [value_of(name) for name in node.input]
+        if len(names) != len(given) or any(not isinstance(v, np.ndarray) for v in given):
+            return None
+        states, inputs = given[:len(given) - scanned], given[len(given) - scanned:]
+        firsts = []
+        for array, axis in zip(inputs, axes):
+            if array.ndim == 0 or array.shape[axis] == 0:
+                return None
+            firsts.append(np.take(array, 0, axis=axis))
+        return dict(zip(names, [*states, *firsts]))
+    return None
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of constant tensors in the main graph: what `--memory` counts."""
+    """Bytes of constant tensors in the model, If/Loop/Scan bodies included: what `--memory`
+    counts (a voice-activity detector keeps every weight inside If branches)."""
     total = 0
-    for init in model.graph.initializer:
-        total += tensor_bytes(init)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    total += tensor_bytes(attr.t)
+    for graph in all_graphs(model.graph):
+        for init in graph.initializer:
+            total += tensor_bytes(init)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        total += tensor_bytes(attr.t)
     return total
 
 
