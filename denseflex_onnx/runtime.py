@@ -43,7 +43,7 @@ def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4      # errors come back as exceptions, shown as one line: no duplicate log
     provider_options: dict = {}
     if provider == "TensorrtExecutionProvider" and engine_cache is not None:
         engine_cache.mkdir(parents=True, exist_ok=True)
