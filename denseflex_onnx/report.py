@@ -104,6 +104,13 @@ def markdown(report: dict) -> str:
             lat = "" if row["latency_ms"] is None else f"{row['latency_ms']:.4f}"
             lines.append(f"| {row['layer']} | {row['spec']} | {row['params']} | {row['flops']} | "
                          f"{row['error'] if row['error'] is not None else ''} | {lat} |")
+    special = {n: st for n, st in report.get("statistics", {}).items() if st["kind"] != "full"}
+    if special or report.get("kept_dense"):
+        lines += ["", "## Statistics and layers kept dense", "",
+                  f"Memory budget {format_bytes(report.get('memory_budget_bytes') or 0)}; this run's peak "
+                  f"{format_bytes(report.get('peak_memory_bytes') or 0)}. Every other layer kept its full X^T X.", ""]
+        lines += [f"- {n}: {st['kind']} ({st['why']})" for n, st in special.items()]
+        lines += [f"- {n}: kept dense before any statistics ({why})" for n, why in report.get("kept_dense", {}).items()]
     if report.get("verifications"):
         lines += ["", "## End-to-end verifications", "", "| error budget | latency | speedup | metric | missed |",
                   "|---|---|---|---|---|"]

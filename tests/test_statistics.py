@@ -206,6 +206,7 @@ def test_optimize_a_conv_whose_full_statistics_need_32_gib(tmp_path):
     assert "65536 inputs" in report["statistics"]["c"]["why"]
     assert report["peak_memory_bytes"] < report["memory_budget_bytes"]
     assert report["peak_memory_bytes"] < 4 << 30
+    assert "- c: sketch (65536 inputs" in (tmp_path / "small.report.md").read_text()
     onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
