@@ -136,7 +136,11 @@ def reconstruct(layer, factors) -> np.ndarray:
     a = first.reshape(r1, -1)                                   # [r1, Cin]
     b = middle.reshape(r2, r1, -1)                              # [r2, r1, kk]
     c = last.reshape(last.shape[0], r2)                         # [Cout, r2]
-    return np.einsum("or,rsk,si->oik", c, b, a).reshape(last.shape[0], a.shape[1], *spatial)
+    # two matrix products: a plain three-operand einsum loops over all five indices (97 s of
+    # a 146 s magika run)
+    cb = (c @ b.reshape(r2, -1)).reshape(c.shape[0], r1, -1)       # [Cout, r1, kk]
+    kernel = np.tensordot(cb, a, axes=([1], [0])).transpose(0, 2, 1)    # [Cout, Cin, kk]
+    return kernel.reshape(last.shape[0], a.shape[1], *spatial)
 
 
 def rewrite(graph, layer, factors) -> None:
