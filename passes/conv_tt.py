@@ -107,20 +107,21 @@ def refit(g1: np.ndarray, m2: np.ndarray, c3: np.ndarray, kk: int, gram, w: np.n
         return m2, c3
     e1 = np.kron(g1, np.eye(kk))                              # [Cin*kk, r1*kk]
     ridge = 1e-9 * max(trace(gram) / len(gram), 1e-30)
+    # everything below is in E1's column space: the K x K statistics are touched once
+    hgh = e1.T @ gram @ e1
+    hgw = e1.T @ gram @ w
+    wgw = float(np.sum(w * (gram @ w)))
 
     def objective(m, c):
-        d = w - e1 @ m @ c
-        return float(np.sum(d * (gram @ d)))
+        mc = m @ c                                            # ||X W - X E1 M C||^2, expanded
+        return wgw - 2 * float(np.sum(hgw * mc)) + float(np.sum(mc * (hgh @ mc)))
 
     def solve(a, b):
         return np.linalg.solve(a + ridge * np.eye(len(a)), b)
 
     best = (objective(m2, c3), m2, c3)
-    hgh = e1.T @ gram @ e1
-    hgw = e1.T @ gram @ w
     for _ in range(ALS_SWEEPS):
-        z = e1 @ m2
-        c3 = solve(z.T @ gram @ z, z.T @ gram @ w)
+        c3 = solve(m2.T @ hgh @ m2, m2.T @ hgw)
         m2 = solve(hgh, hgw @ c3.T) @ np.linalg.pinv(c3 @ c3.T)
         value = objective(m2, c3)
         if value < best[0]:
