@@ -37,6 +37,8 @@ def _input_types(model: LoadedModel) -> dict[str, tuple[np.dtype, list]]:
     for info in graph_inputs(model.proto):
         t = info.type.tensor_type
         dims = [fixed_dim(d) for d in t.shape.dim]          # -1 or 0 (as Paddle writes) is symbolic
+        if not t.HasField("shape") and info.name in model.input_shapes:
+            dims = list(model.input_shapes[info.name])     # no shape declared: --input-shape's is the shape
         out[info.name] = (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), dims)
     return out
 
@@ -62,7 +64,10 @@ def load_data(path: str | Path, model: LoadedModel) -> Dataset:
         if np.issubdtype(dtype, np.floating) != np.issubdtype(array.dtype, np.floating):
             raise UserError(f"--data {path}: array {name} is {array.dtype}, the input is {dtype}")
         array = array.astype(dtype, copy=False)
-        if all(d is not None for d in dims) and list(array.shape) == dims and (not dims or dims[0] != 1):
+        # fed whole: the array is the input's whole (resolved) shape, and dim 0 is fixed, so not
+        # a sample dim (silero's state [2, batch, 128], given as --input-shape state:2x1x128)
+        concrete = list(model.input_shapes.get(name, dims))
+        if (not dims or dims[0] is not None) and list(array.shape) == concrete and (not dims or dims[0] != 1):
             fixed[name] = array
             continue
         if array.ndim != len(dims) or any(d is not None and d != a for d, a in zip(dims[1:], array.shape[1:])):
@@ -125,16 +130,24 @@ def split(data: Dataset, calib_samples: int) -> tuple[Dataset, Dataset]:
 
 
 def batching(model: LoadedModel, fed_whole=()) -> tuple[int, bool]:
-    """(chunk size, fixed?): a fixed batch b runs in chunks of b; a symbolic batch in chunks of 64.
+    """(chunk size, fixed?): a fixed batch b runs in chunks of b; a symbolic batch in chunks of 64,
+    or of the batch it is profiled at when an input fed whole has a symbolic dim too.
 
     Inputs fed whole to every chunk (`fed_whole`: no sample dim) do not set the batch.
     """
-    for info in graph_inputs(model.proto):
+    inputs = graph_inputs(model.proto)
+    # a whole-fed input with a symbolic dim of its own (an RNN state [2, batch, 128]) may be
+    # tied to the batch: then run at the batch it was given for, as profiling does
+    tied = any(info.name in fed_whole and any(fixed_dim(d) is None for d in info.type.tensor_type.shape.dim)
+               for info in inputs)
+    for info in inputs:
         if info.name in fed_whole:
             continue
         dims = info.type.tensor_type.shape.dim
         if dims and fixed_dim(dims[0]) is not None:
             return dims[0].dim_value, True
+        if tied and info.name in model.input_shapes:
+            return model.input_shapes[info.name][0], False
     return SYMBOLIC_BATCH_CHUNK, False
 
 

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -244,3 +245,38 @@ def test_bundled_models_reach_their_accuracy(name, shape, minimum):
     assert logits.shape == (1000, 10)
     accuracy = float((logits.argmax(1) == ds.labels).mean())
     assert accuracy >= minimum, f"{name}: {accuracy:.3f} < {minimum}"
+
+
+def _stateful(path):
+    """y = [x @ W, sum over the state's first dim]: the state [2, batch, 3] is tied to x's batch."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+             helper.make_node("ReduceSum", ["state", "axes"], ["s"], keepdims=0),
+             helper.make_node("Concat", ["h", "s"], ["y"], axis=1)]
+    graph = helper.make_graph(nodes, "stateful",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                               helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 19])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_a_state_tied_to_a_symbolic_batch_is_fed_whole_at_the_given_batch(tmp_path):
+    from denseflex_onnx import api, data as data_mod, model as model_mod
+    path = _stateful(tmp_path / "s.onnx")
+    x = np.random.default_rng(1).standard_normal((40, 4)).astype(np.float32)
+    state = np.ones((2, 1, 3), np.float32)
+    np.savez(tmp_path / "d.npz", x=x, state=state)
+    loaded = model_mod.load(path, {"x": (1, 4), "state": (2, 1, 3)})
+    dataset = data_mod.load_data(tmp_path / "d.npz", loaded)
+    assert set(dataset.fixed) == {"state"} and dataset.samples == 40
+    assert data_mod.batching(loaded, dataset.fixed) == (1, False)
+    chunks = list(data_mod.feeds(dataset, loaded))
+    assert len(chunks) == 40 and all(c["state"].shape == (2, 1, 3) and c["x"].shape == (1, 4) for c in chunks)
+    summary = api.apply(path, tmp_path / "o.onnx", all_spec="svd:1.0", data=tmp_path / "d.npz",
+                        input_shapes={"x": (1, 4), "state": (2, 1, 3)}, calib_samples=16)
+    assert summary["metric"]["rewritten"] == pytest.approx(100.0, abs=1e-3)
