@@ -6,6 +6,7 @@ same inputs and cache.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ import onnx
 
 from . import sensitivity as sens
 from . import calibrate, data as data_mod, layers as layers_mod, metrics, model as model_mod, profile, report, search, space as space_mod
+from . import pairs as pairs_mod
 from .constraints import Constraints, METRICS, format_bytes, format_flops, format_seconds, parse_memory_budget
 from .errors import UserError, about_layer
 from .passes import PASSES
@@ -77,6 +79,7 @@ def inspect(path, input_shapes: dict | None = None) -> dict:
                    for l in found.layers],
         "skipped": [{"name": s.name, "op": s.op, "reason": s.reason} for s in found.skipped],
         "totals": {"params": int(found.total_params), "flops": int(found.total_flops)},
+        "pairs": [p.to_json() for p in pairs_mod.find_pairs(loaded, found).pairs],
     }
 
 
@@ -87,6 +90,11 @@ class _Prepared:
     loaded: model_mod.LoadedModel
     layers: dict[str, layers_mod.Layer]
     discovery: layers_mod.Discovery
+
+    @functools.cached_property
+    def pairs(self) -> pairs_mod.PairDiscovery:
+        """Layer pairs (prune), found when a spec or plan asks for them."""
+        return pairs_mod.find_pairs(self.loaded, self.discovery)
 
 
 def _check_counts(**values) -> None:
@@ -167,7 +175,7 @@ def _forced(prep: _Prepared, layer_specs, exclude) -> dict[str, Choice]:
         name, spec = parse_layer_option(text)
         if name not in prep.layers:
             raise UserError(f"--layer {name}: no such layer (see `denseflex-onnx inspect`)")
-        forced[name] = parse_spec(prep.layers[name], spec)
+        forced[name] = parse_spec(prep.layers[name], spec, prep.pairs)
     return forced
 
 
@@ -202,7 +210,7 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
     prep = _prepare(path, input_shapes)
     notes: list[str] = []
     if plan_path is not None:
-        plan = read_plan(plan_path, prep.layers)
+        plan = read_plan(plan_path, prep.layers, prep.pairs)
         if plan.model_sha256 and plan.model_sha256 != prep.loaded.sha256:
             log.warning("the plan was made for another model file (sha256 differs); applying it by layer name")
         if plan.factorization != "plain" and data is None:
@@ -214,13 +222,18 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
     plan.model_sha256 = prep.loaded.sha256
     if not plan.rewritten():
         raise UserError("the plan rewrites no layer: nothing to do")
+    plan.check_pairs()
     stats = None
     mode = plan.factorization
     calib = evaluation = None
     if data is not None:
         calib, evaluation = _dataset(prep.loaded, data, calib_samples, seed)
+        # a pruned pair's consumer is refitted on its input statistics whenever there is data
+        wanted = {c.consumer for c in plan.rewritten().values() if c.consumer}
         if mode != "plain":
-            stats, _ = _statistics(prep, calib, {n: DENSE for n in prep.layers if n not in plan.rewritten()},
+            wanted |= {n for n, c in plan.rewritten().items() if not c.consumer}
+        if wanted:
+            stats, _ = _statistics(prep, calib, {n: DENSE for n in prep.layers if n not in wanted},
                                    None, budget_bytes, 1, Progress())
     new = _rewrite(prep, space_mod.Factors(prep.layers, stats, mode), plan)
     files = model_mod.write_model(new, out, external=prep.loaded.external_data)
@@ -244,6 +257,9 @@ def _plan_for_all(prep: _Prepared, spec: str) -> tuple[Plan, list[str]]:
     method = spec.partition(":")[0]
     if method not in PASSES:
         raise UserError(f"--all {spec!r}: unknown method {method!r}; use one of {', '.join(PASSES)}")
+    if getattr(PASSES[method], "TARGET", "layer") == "pair":
+        raise UserError(f"--all {spec}: pairs share layers; name each pair by its producer with "
+                        f"--layer PRODUCER={spec} (`denseflex-onnx inspect` lists the pairs)")
     for name, layer in prep.layers.items():
         reason = PASSES[method].applies(layer)
         if reason:
@@ -264,8 +280,13 @@ def _plan_for_all(prep: _Prepared, spec: str) -> tuple[Plan, list[str]]:
 def _summary(prep: _Prepared, plan: Plan, new: onnx.ModelProto) -> dict:
     rows = []
     params_before = params_after = flops_before = flops_after = 0
+    consumers = {c.consumer for c in plan.layers.values() if c.consumer}
     for name, layer in prep.layers.items():
         choice = plan.layers.get(name, DENSE)
+        if name in consumers:           # counted with its pair, under the producer
+            continue
+        if choice.consumer:             # a pair: both layers and the constants between
+            layer = prep.pairs.pair(name)
         p, f = (layer.params, layer.flops) if choice.method == "dense" else PASSES[choice.method].cost(layer, choice.config)
         params_before += layer.params
         flops_before += layer.flops
@@ -323,6 +344,10 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     prep = _prepare(path, input_shapes)
     mode = _factorization(factorization, data)
     forced = _forced(prep, layer_specs, exclude)
+    pruned = [n for n, c in forced.items() if c.consumer]
+    if pruned:
+        raise UserError(f"--layer {pruned[0]}={forced[pruned[0]].spec}: pair pruning is applied with "
+                        f"`denseflex-onnx apply` only, not searched yet")
     calib, evaluation = _dataset(prep.loaded, data, calib_samples, seed)
     metric = metric or metrics.default_metric(evaluation)
     if metric == "accuracy" and evaluation.labels is None:
@@ -403,7 +428,12 @@ def _rewrite(prep: _Prepared, factors: space_mod.Factors, plan: Plan) -> onnx.Mo
     layers, factor_map = dict(prep.layers), {}
     for name, choice in plan.rewritten().items():
         with about_layer(name):
-            layers[name], factor_map[name] = factors.rewrite_inputs(prep.layers[name], choice)
+            if choice.consumer:         # a pair pass fits the pair on its consumer's input statistics
+                layers[name] = prep.pairs.pair(name)
+                factor_map[name] = PASSES[choice.method].factorize(layers[name], choice.config,
+                                                                   factors.stats.get(choice.consumer))
+            else:
+                layers[name], factor_map[name] = factors.rewrite_inputs(prep.layers[name], choice)
     return rewrite_model(prep.loaded.proto, layers, plan, factor_map)
 
 

@@ -140,6 +140,9 @@ def inspect(model: Path = typer.Argument(..., help="the .onnx file"),
               f"{len(info['layers'])} factorizable layer(s)")
     if not info["layers"]:
         out.print("nothing to factorize in this model")
+    for p in info.get("pairs", []):
+        out.print(f"  pair {p['producer']} -> {p['consumer']}: {p['channels']} channels through "
+                  f"{' '.join(p['between']) or 'nothing'} (--layer {p['producer']}=prune:K)", highlight=False)
     for s in info["skipped"]:
         out.print(f"  skipped {s['name']} ({s['op']}): {s['reason']}", highlight=False)
 

@@ -18,6 +18,7 @@ FACTORIZATIONS = ("plain", "scaled", "whitened")
 class Choice:
     method: str          # a key of passes.PASSES, or "dense"
     config: dict
+    consumer: str | None = None   # a pair pass (prune): the pair's second layer, refitted with it
 
     @property
     def spec(self) -> str:
@@ -37,7 +38,8 @@ class Plan:
     def to_json(self) -> dict:
         return {"format": PLAN_FORMAT, "model_sha256": self.model_sha256,
                 "factorization": self.factorization,
-                "layers": {name: {"method": c.method, "config": c.config}
+                "layers": {name: {"method": c.method, "config": c.config,
+                                  **({"consumer": c.consumer} if c.consumer else {})}
                            for name, c in sorted(self.layers.items()) if c.method != "dense"}}
 
     def sha256(self) -> str:
@@ -46,9 +48,26 @@ class Plan:
     def rewritten(self) -> dict[str, Choice]:
         return {n: c for n, c in self.layers.items() if c.method != "dense"}
 
+    def check_pairs(self) -> None:
+        """A pruned pair rewrites two layers: neither may take another choice, nor be in a
+        second pruned pair (the consumer is refitted on the original model's statistics)."""
+        taken: dict[str, str] = {}
+        for name, choice in sorted(self.rewritten().items()):
+            if choice.consumer:
+                for layer in (name, choice.consumer):
+                    if layer in taken:
+                        raise UserError(f"layer {layer} is in two pruned pairs ({taken[layer]} and "
+                                        f"{name} -> {choice.consumer}): prune one of them")
+                    taken[layer] = f"{name} -> {choice.consumer}"
+        for name, choice in self.rewritten().items():
+            if not choice.consumer and name in taken:
+                raise UserError(f"layer {name} is in the pruned pair {taken[name]}: it cannot also take "
+                                f"{choice.spec}")
 
-def parse_spec(layer, text: str) -> Choice:
-    """`svd:64`, `tt:0.25`, `conv_tt:16x32`, `dense`... for this layer; UserError if it cannot take it."""
+
+def parse_spec(layer, text: str, pairs=None) -> Choice:
+    """`svd:64`, `tt:0.25`, `conv_tt:16x32`, `prune:960`, `dense`... for this layer; UserError if
+    it cannot take it. `pairs` (pairs.PairDiscovery) is where a pair pass finds the layer's pair."""
     text = text.strip()
     if text == "dense":
         return DENSE
@@ -58,10 +77,24 @@ def parse_spec(layer, text: str) -> Choice:
     if not body:
         raise UserError(f"{text!r}: give a rank or fraction after the colon, e.g. {method}:0.25")
     module = PASSES[method]
-    reason = module.applies(layer)
+    target = _target(module, layer, pairs)
+    reason = module.applies(target)
     if reason:
         raise UserError(f"{method} cannot take layer {layer.name}: {reason}")
-    return Choice(method, module.parse_spec(layer, body))
+    consumer = target.consumer.name if target is not layer else None
+    return Choice(method, module.parse_spec(target, body), consumer)
+
+
+def _target(module, layer, pairs):
+    """What the method rewrites: the layer, or for a pair pass the pair the layer heads."""
+    if getattr(module, "TARGET", "layer") != "pair":
+        return layer
+    pair = pairs.pair(layer.name) if pairs is not None else None
+    if pair is None:
+        why = pairs.why_not(layer.name) if pairs is not None else "no pairs were searched"
+        raise UserError(f"{module.NAME} cannot take layer {layer.name}: it heads no layer pair ({why}); "
+                        f"`denseflex-onnx inspect` lists the pairs")
+    return pair
 
 
 def parse_layer_option(text: str) -> tuple[str, str]:
@@ -72,7 +105,7 @@ def parse_layer_option(text: str) -> tuple[str, str]:
     return name, spec
 
 
-def read_plan(path: str | Path, layers_by_name: dict) -> Plan:
+def read_plan(path: str | Path, layers_by_name: dict, pairs=None) -> Plan:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -99,20 +132,28 @@ def read_plan(path: str | Path, layers_by_name: dict) -> Plan:
             continue
         if method not in PASSES:
             raise UserError(f"{path}: layer {name}: unknown method {method!r}")
-        reason = PASSES[method].applies(layers_by_name[name])
+        try:
+            target = _target(PASSES[method], layers_by_name[name], pairs)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+        reason = PASSES[method].applies(target)
         if reason:
             raise UserError(f"{path}: {method} cannot take layer {name}: {reason}")
         # the spec parser validates the config against the layer (ranks within bounds)
         spec = PASSES[method].spec(config) if _config_ok(method, config) else None
         if spec is None:
             raise UserError(f"{path}: layer {name}: malformed config {config!r} for {method}")
-        choices[name] = parse_spec(layers_by_name[name], spec)
+        choices[name] = parse_spec(layers_by_name[name], spec, pairs)
+        expected = entry.get("consumer")
+        if expected is not None and expected != choices[name].consumer:
+            raise UserError(f"{path}: layer {name}: the plan pairs it with {expected}, but in this model "
+                            f"it pairs with {choices[name].consumer}")
     return Plan(choices, factorization, data.get("model_sha256", ""))
 
 
 def _config_ok(method: str, config) -> bool:
     keys = {"svd": {"rank"}, "conv_svd": {"rank"}, "conv_tt": {"ranks"},
-            "tt": {"in_modes", "out_modes", "ranks"}}[method]
+            "tt": {"in_modes", "out_modes", "ranks"}, "prune": {"keep"}}[method]
     return isinstance(config, dict) and keys <= set(config)
 
 

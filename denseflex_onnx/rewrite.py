@@ -20,7 +20,8 @@ from .runtime import max_ir_version
 
 def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
                   factors: dict[str, list[np.ndarray]] | None = None, stats=None) -> onnx.ModelProto:
-    """A new model with each planned layer replaced by its chain.
+    """A new model with each planned layer replaced by its chain (a pruned pair: `layers` holds
+    the pairs.Pair under its producer's name).
 
     `factors` may hold precomputed factors by layer name; the others are factorized here.
     Opset, metadata, other nodes, input and output names, dtypes and symbolic dims are kept;
@@ -36,7 +37,8 @@ def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
         module = PASSES[choice.method]
         layer_factors = (factors or {}).get(name)
         if layer_factors is None:
-            layer_factors = module.factorize(layer, choice.config, (stats or {}).get(name))
+            # a pair pass fits its consumer: the statistics it needs are the consumer's inputs
+            layer_factors = module.factorize(layer, choice.config, (stats or {}).get(choice.consumer or name))
         module.rewrite(_body(graph, layer.scope), layer, layer_factors)
     graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort()
     exported = gs.export_onnx(graph, do_type_check=False)

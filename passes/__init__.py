@@ -9,12 +9,13 @@ Each module answers five questions (DESIGN.md, the pass contract):
                                              decomposition that serves many configs
     rewrite(graph, layer, factors) -> None   edits the onnx-graphsurgeon graph in place
 and reads and writes its own spec text: parse_spec(layer, text) -> config, spec(config) -> text.
-A new method is one new module added to PASSES.
+A new method is one new module added to PASSES. A pass with TARGET = "pair" (prune) takes a
+pairs.Pair, named by its producer layer, in place of the layer in each of these.
 """
 from __future__ import annotations
 
-from . import conv_svd, conv_tt, svd, tt
+from . import conv_svd, conv_tt, prune, svd, tt
 
-PASSES = {module.NAME: module for module in (svd, tt, conv_svd, conv_tt)}
+PASSES = {module.NAME: module for module in (svd, tt, conv_svd, conv_tt, prune)}
 
-__all__ = ["PASSES", "svd", "tt", "conv_svd", "conv_tt"]
+__all__ = ["PASSES", "svd", "tt", "conv_svd", "conv_tt", "prune"]

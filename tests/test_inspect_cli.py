@@ -22,7 +22,8 @@ MLP = ROOT / "models/mnist_mlp.onnx"
 CNN = ROOT / "models/mnist_cnn.onnx"
 MINILM = ROOT / "models/minilm.onnx"
 
-TOP_KEYS = {"model", "opset", "ir_version", "inputs", "layers", "skipped", "totals"}
+TOP_KEYS = {"model", "opset", "ir_version", "inputs", "layers", "skipped", "totals", "pairs"}
+PAIR_KEYS = {"producer", "consumer", "channels", "between"}
 LAYER_KEYS = {"name", "op", "weight_shape", "activation_shape", "params", "flops", "params_share", "flops_share"}
 SKIPPED_KEYS = {"name", "op", "reason"}
 
@@ -163,6 +164,7 @@ def test_inspect_json_keys_exactly_as_cli_md(mlp_json):
     assert set(mlp_json) == TOP_KEYS
     assert mlp_json["layers"] and all(set(l) == LAYER_KEYS for l in mlp_json["layers"])
     assert set(mlp_json["totals"]) == {"params", "flops"}
+    assert mlp_json["pairs"] and all(set(p) == PAIR_KEYS for p in mlp_json["pairs"])
     assert isinstance(mlp_json["skipped"], list)
 
 
