@@ -199,7 +199,8 @@ def apply(path, out, **options) -> dict:
 
 
 def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=None, force=False,
-          input_shapes=None, calib_samples: int = 128, seed: int = 0, memory_budget=None) -> dict:
+          input_shapes=None, calib_samples: int = 128, seed: int = 0, memory_budget=None,
+          factorization=None) -> dict:
     path, out = Path(path), Path(out)
     if plan_path is not None and (layer_specs or all_spec):
         raise UserError("--plan takes no --layer or --all: edit the plan, or use --all/--layer alone")
@@ -213,12 +214,16 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
         plan = read_plan(plan_path, prep.layers, prep.pairs)
         if plan.model_sha256 and plan.model_sha256 != prep.loaded.sha256:
             log.warning("the plan was made for another model file (sha256 differs); applying it by layer name")
+        if factorization is not None and factorization != plan.factorization:
+            raise UserError(f"{plan_path} is a {plan.factorization} plan: --factorization {factorization} "
+                            f"would not give the model it describes; drop the flag")
         if plan.factorization != "plain" and data is None:
             raise UserError(f"{plan_path} is a {plan.factorization} (data-aware) plan: give the calibration data "
                             f"with --data to re-apply it")
     else:       # --all for every layer it fits, then --layer overrides (`--layer head=dense`)
         plan, notes = _plan_for_all(prep, all_spec) if all_spec else (Plan({}, "plain"), [])
         plan.layers.update(_forced(prep, layer_specs, None))
+        plan.factorization = _factorization(factorization, data)     # whitened with --data, as optimize
     plan.model_sha256 = prep.loaded.sha256
     if not plan.rewritten():
         raise UserError("the plan rewrites no layer: nothing to do")
@@ -239,6 +244,7 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
     files = model_mod.write_model(new, out, external=prep.loaded.external_data)
     summary = _summary(prep, plan, new)
     summary["notes"] = notes
+    summary["factorization"] = plan.factorization
     summary["files"] = [str(f) for f in files]
     if evaluation is not None:
         ref_session = create_session(prep.loaded.proto)

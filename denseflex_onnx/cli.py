@@ -156,6 +156,8 @@ def apply(model: Path = typer.Argument(..., help="the .onnx file"),
           all_spec: Optional[str] = typer.Option(None, "--all", help="one SPEC for every layer it fits, e.g. svd:0.25"),
           data: Optional[Path] = typer.Option(None, "--data", help=".npz: accuracy before/after, data-aware plans"),
           input_shape: Optional[List[str]] = ShapeOpt,
+          factorization: Optional[str] = typer.Option(None, help="plain|scaled|whitened (default whitened "
+                                                      "with --data)"),
           memory_budget: Optional[str] = BudgetOpt,
           force: bool = ForceOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Rewrite layers by a plan or by method specs (svd:64, tt:0.25, conv_svd:0.5, conv_tt:16x32, dense)."""
@@ -163,7 +165,7 @@ def apply(model: Path = typer.Argument(..., help="the .onnx file"),
     with _user_errors(debug):
         summary = api.apply(model, output, plan_path=plan, layer_specs=layer or None, all_spec=all_spec,
                             data=data, force=force, input_shapes=parse_input_shapes(input_shape),
-                            memory_budget=memory_budget)
+                            memory_budget=memory_budget, factorization=factorization)
     if quiet:
         return
     table = Table(title=f"{output}")

@@ -432,3 +432,30 @@ def test_api_metric_matches_onnxruntime(work, tmp_path):
     assert summary["metric"]["rewritten"] == pytest.approx(ours[1], abs=1e-9)
     assert summary["rewritten"][0]["layer"] == HEAD and summary["rewritten"][0]["spec"] == "svd:5"
     assert summary["rewritten"][0]["params"] == [5120 + 10, 5 * (512 + 10) + 10]
+
+
+def test_apply_with_data_fits_whitened_by_default_and_takes_factorization(tmp_path):
+    """`apply --all SPEC --data D` is data-aware like optimize (whitened); --factorization plain
+    gives the plain SVD; a plan's own factorization cannot be overridden."""
+    import graphs
+    from denseflex_onnx import api
+    from denseflex_onnx.errors import UserError
+    model = graphs.save(graphs.mlp((20, 32, 24, 5)), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((96, 20)) * np.linspace(0.1, 3, 20)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", X=x)
+    fits = {}
+    for mode in (None, "plain", "whitened"):
+        out = tmp_path / f"{mode}.onnx"
+        summary = api.apply(model, out, all_spec="svd:4", data=tmp_path / "d.npz", factorization=mode,
+                            calib_samples=64)
+        fits[mode] = (summary["factorization"], onnx.load(str(out)))
+    assert fits[None][0] == "whitened" and fits["plain"][0] == "plain"
+    weights = {m: {i.name: numpy_helper.to_array(i) for i in p.graph.initializer} for m, (_, p) in fits.items()}
+    assert all(np.array_equal(weights[None][k], weights["whitened"][k]) for k in weights[None])
+    assert any(not np.allclose(weights[None][k], weights["plain"][k]) for k in weights[None] if k in weights["plain"])
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"format": "denseflex-plan/1", "factorization": "whitened",
+                                "layers": {"fc0": {"method": "svd", "config": {"rank": 4}}}}))
+    with pytest.raises(UserError, match="whitened plan: --factorization plain"):
+        api.apply(model, tmp_path / "q.onnx", plan_path=plan, data=tmp_path / "d.npz", factorization="plain")
