@@ -48,6 +48,12 @@ def cli(*args, timeout=300) -> subprocess.CompletedProcess:
                     f"its stderr so far: {err[-1500:]}", pytrace=False)
 
 
+def assert_within_memory_budget(report: dict) -> None:
+    """The run's own peak (VmHWM) stays under the memory budget its statistics were planned in."""
+    assert 0 < report["peak_memory_bytes"] < report["memory_budget_bytes"], (
+        report["peak_memory_bytes"], report["memory_budget_bytes"])
+
+
 def no_traceback(r: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr[-3000:]
 
@@ -237,6 +243,7 @@ def test_short_optimize_writes_a_working_model_or_refuses_in_one_line(zoo, tmp_p
         # with the closest plan written and still running
         report = tmp_path / "small.report.json"
         assert report.is_file() and json.loads(report.read_text())["status"] == "infeasible", describe(r)
+        assert_within_memory_budget(json.loads(report.read_text()))
         closest = tmp_path / "small.closest.onnx"
         assert_same_interface(path, closest)
         data = dict(np.load(data_path))
@@ -246,6 +253,7 @@ def test_short_optimize_writes_a_working_model_or_refuses_in_one_line(zoo, tmp_p
     assert summary["status"] == "ok"
     report = json.loads((tmp_path / "small.report.json").read_text())
     assert report["status"] == "ok"
+    assert_within_memory_budget(report)
     onnx.checker.check_model(onnx.load(str(out)), full_check=False)
     assert_same_interface(path, out)
     data = dict(np.load(data_path))
