@@ -217,6 +217,8 @@ class Zoo:
                            bytes=res["bytes"], flops=res["flops"], ab_original_s=ab[0], ab_chosen_s=ab[1])
         if rc == 0:
             rec["verified"] = verify(path, out_model, data, shapes)
+        if rec.get("layers_found"):
+            rec.update(baselines(path, data, shapes, info["layers"], folder))
 
     def main(self) -> None:
         for key, label, kind, model, shapes, make_data in self.models():
@@ -258,6 +260,53 @@ def _spec(entry: dict) -> str:
     return entry.get("method", "?")
 
 
+def baselines(path: Path, data: Path, shapes: dict, layers: list[dict], folder: Path) -> dict:
+    """The simplest answers beside the search's, in the same run: half rank in every layer
+    (svd:0.5 / conv_svd:0.5, fitted whitened on the same calibration samples) and
+    onnxruntime's dynamic INT8 of the whole model; their latency against the original's
+    (interleaved rounds) and fidelity on the same held-out samples."""
+    import statistics
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from denseflex_onnx import api, data as data_mod, metrics, model as model_mod, profile
+    from denseflex_onnx.runtime import create_session
+
+    out: dict = {}
+    loaded = model_mod.load(path, shapes)
+    calib, evaluation = data_mod.split(data_mod.load_data(data, loaded), 128)
+    reference = metrics.outputs(create_session(loaded.proto), evaluation, loaded, None)
+    models = {"original": path}
+    specs = [f"{l['name']}={'conv_svd' if l['op'] == 'Conv' else 'svd'}:0.5" for l in layers
+             if min(l["weight_shape"][0], math.prod(l["weight_shape"][1:])
+                    if l["op"] == "Conv" else l["weight_shape"][1]) >= 2]
+    try:
+        api.apply(path, folder / "uniform.onnx", layer_specs=specs, data=data, input_shapes=shapes, force=True)
+        models["uniform"] = folder / "uniform.onnx"
+    except Exception as exc:        # noqa: BLE001 -- reported, not raised
+        out["uniform_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    try:
+        quantize_dynamic(str(path), str(folder / "int8.onnx"), weight_type=QuantType.QInt8)
+        models["int8"] = folder / "int8.onnx"
+    except Exception as exc:        # noqa: BLE001
+        out["int8_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    sessions = {k: create_session(str(p)) for k, p in models.items()}
+    inputs = profile.profiling_inputs(loaded, calib)
+    budget = profile.Budget()
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for r in range(3):
+        for k in (list(sessions) if r % 2 == 0 else reversed(list(sessions))):
+            times[k].append(profile.time_session(sessions[k], inputs, "CPUExecutionProvider", budget).median)
+    base = statistics.median(times["original"])
+    for k in models:
+        if k == "original":
+            continue
+        out[f"{k}_latency_ratio"] = statistics.median(times[k]) / base
+        result = metrics.outputs(sessions[k], evaluation, loaded, None)
+        out[f"{k}_metric"] = metrics.score("cosine", result, reference, None)
+    return out
+
+
 def verify(original: Path, written: Path, data: Path, shapes: dict) -> str:
     """The written model loads in onnxruntime, keeps the input and output names and gives finite
     outputs of the original's shapes on one sample."""
@@ -286,6 +335,14 @@ def verify(original: Path, written: Path, data: Path, shapes: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ rendering
+
+def _baseline(r: dict, key: str) -> str:
+    if r.get(f"{key}_error"):
+        return f"fails: {r[f'{key}_error']}"
+    if r.get(f"{key}_latency_ratio") is None:
+        return "-"
+    return f"{r[f'{key}_latency_ratio']:.2f}, {r[f'{key}_metric']:.2f}"
+
 
 def _s(v):
     return "-" if v is None else f"{v:.0f} s"
@@ -318,10 +375,14 @@ def render(z: Zoo, elapsed: float, load: tuple) -> tuple[str, list[dict]]:
               f"process with a fresh profile cache, 1 onnxruntime thread, 1 BLAS thread; {os.cpu_count()} cores, load "
               f"average {load[0]:.2f} at the start, {load[1]:.2f} at the end. Peak memory = the process's VmHWM at "
               f"exit. Latency ratio = chosen / original, A/B interleaved in the run (below 0.90 meets the target). "
+              f"Baselines in the same run: half rank in every layer (svd:0.5 / conv_svd:0.5 through `apply --data`, "
+              f"whitened) and onnxruntime's quantize_dynamic (QInt8) of the whole model, timed in interleaved "
+              f"rounds with the original, fidelity on the same held-out samples. "
               f"Ran {elapsed:.0f} s of a {z.budget:.0f} s budget.")
-    md += ["", "| model | kind | layers found (skipped) | factorized | status | latency ratio | fidelity | weights | "
+    md += ["", "| model | kind | layers found (skipped) | factorized | status | latency ratio | fidelity | "
+               "uniform half rank: ratio, fidelity | INT8 alone: ratio, fidelity | weights | "
                "wall time | peak memory | output verified |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for r in z.records:
         found = "-" if "layers_found" not in r else f"{r['layers_found']} ({r['layers_skipped']})"
@@ -337,7 +398,7 @@ def render(z: Zoo, elapsed: float, load: tuple) -> tuple[str, list[dict]]:
         elif status.startswith("crash") or status == "refused":
             status = f"**{status}**"
         md.append(f"| {r['label']} | {r['kind']} | {found} | {r.get('factorized', '-')} | {status} | {ratio} | {fid} | "
-                  f"{weights} | {_s(r.get('wall_s'))} | {_mb(r.get('peak_memory_bytes'))} | {r.get('verified', '-')} |")
+                  f"{_baseline(r, 'uniform')} | {_baseline(r, 'int8')} | {weights} | {_s(r.get('wall_s'))} | {_mb(r.get('peak_memory_bytes'))} | {r.get('verified', '-')} |")
         rows.append({"bench": "zoo", "model": r["key"], "label": r["label"], "status": r.get("status"),
                      "exit_code": r.get("rc"), "layers_found": r.get("layers_found"),
                      "layers_skipped": r.get("layers_skipped"), "factorized": r.get("factorized"),
@@ -351,7 +412,8 @@ def render(z: Zoo, elapsed: float, load: tuple) -> tuple[str, list[dict]]:
                      "reported_peak_memory_bytes": r.get("reported_peak_memory_bytes"),
                      "verifications": r.get("verifications"), "timed": r.get("timed"), "grid": r.get("grid"),
                      "verified": r.get("verified"), "error": r.get("error") or r.get("inspect_error"),
-                     "plan": json.dumps(r.get("plan", {}))})
+                     "plan": json.dumps(r.get("plan", {})),
+                     **{f"{k}_{m}": r.get(f"{k}_{m}") for k in ("uniform", "int8") for m in ("latency_ratio", "metric")}})
     md.append("")
     met = [r["label"] for r in z.records if r.get("status") == "ok"]
     tried = [r for r in z.records if r.get("rc") is not None]
