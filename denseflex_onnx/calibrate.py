@@ -157,10 +157,11 @@ def as_inputs(layer: Layer) -> int:
     return layer.matrix_shape[0]
 
 
-def input_blocks(layer: Layer, x: np.ndarray, max_bytes: int | None = BLOCK_BYTES):
+def input_blocks(layer: Layer, x: np.ndarray, max_bytes: int | None = BLOCK_BYTES, mask: np.ndarray | None = None):
     """The layer's input as the rows its weight matrix multiplies ([rows, K]), in blocks of at
     most `max_bytes` (float64), so a wide Conv's im2col patches (65,536 inputs a row) never
-    exist all at once."""
+    exist all at once. `mask` (the leading dims of x, e.g. [batch, tokens]) drops the rows it
+    marks 0."""
     x = x.astype(np.float64, copy=False)
     if layer.op == "Conv":
         kernel, strides, dilations = layer.weight.shape[2:], layer.attrs["strides"], layer.attrs["dilations"]
@@ -174,6 +175,8 @@ def input_blocks(layer: Layer, x: np.ndarray, max_bytes: int | None = BLOCK_BYTE
         rows = x.T
     else:
         rows = x.reshape(-1, x.shape[-1])
+        if mask is not None and mask.shape == x.shape[:-1]:
+            rows = rows[mask.reshape(-1) != 0]
     step = len(rows) if max_bytes is None else max(1, max_bytes // (8 * rows.shape[1]))
     for start in range(0, len(rows), step):
         yield rows[start:start + step]
@@ -239,8 +242,9 @@ def collect(model: LoadedModel, layers: list[Layer], data: Dataset, provider: st
     sums: dict[str, _Sums] = {}
     for chunk in feeds(data, model):
         values = dict(zip(wanted, session.run(wanted, chunk)))
+        mask = chunk.get(TOKEN_MASK)
         for layer in layers:
-            for rows in input_blocks(layer, values[layer.input]):
+            for rows in input_blocks(layer, values[layer.input], mask=mask):
                 if layer.name not in sums:
                     sums[layer.name] = _Sums(rows.shape[1], representations.get(layer.name, FULL))
                 sums[layer.name].add(rows)
@@ -250,6 +254,9 @@ def collect(model: LoadedModel, layers: list[Layer], data: Dataset, provider: st
 
 
 FULL = Representation("full", 0, 0, "")
+# Transformers' padding: token rows this input marks 0 are left out of the statistics (their
+# activations are never read, yet they would weigh as much as real tokens in X^T X)
+TOKEN_MASK = "attention_mask"
 
 
 class _Sums:

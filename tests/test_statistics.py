@@ -247,3 +247,15 @@ def test_a_layer_that_cannot_pay_off_gets_no_statistics_and_no_decomposition(tmp
     assert fc2 and all(row["dropped"].startswith("cannot pay off") and row["error"] is None for row in fc2)
     # the grid still counts them: pruning shares stay comparable
     assert report["stages"]["grid"] == sum(1 for row in report["candidates"])
+
+
+def test_padding_tokens_the_attention_mask_marks_are_left_out_of_the_statistics():
+    from denseflex_onnx.layers import Layer
+    layer = Layer("fc", "MatMul", "h", "y", ("y",), np.ones((4, 3), np.float32), None, (2, 3, 4), (2, 3, 3))
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    rows = np.concatenate(list(calibrate.input_blocks(layer, x, mask=mask)))
+    np.testing.assert_array_equal(rows, x.reshape(6, 4)[[0, 1, 3]])
+    assert calibrate.TOKEN_MASK == "attention_mask"
+    # a mask of another shape (not this layer's tokens) leaves every row in
+    assert len(np.concatenate(list(calibrate.input_blocks(layer, x, mask=np.ones((2, 5)))))) == 6
