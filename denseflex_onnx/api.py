@@ -6,6 +6,7 @@ same inputs and cache.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -18,11 +19,11 @@ import onnx
 
 from . import sensitivity as sens
 from . import calibrate, data as data_mod, layers as layers_mod, metrics, model as model_mod, profile, report, search, space as space_mod
-from . import pairs as pairs_mod
+from . import pairs as pairs_mod, sequential
 from .constraints import Constraints, METRICS, format_bytes, format_flops, format_seconds, parse_memory_budget
 from .errors import UserError, about_layer
 from .passes import PASSES
-from .plan import DENSE, FACTORIZATIONS, Choice, Plan, parse_layer_option, parse_spec, read_plan
+from .plan import CALIBRATIONS, DENSE, FACTORIZATIONS, Choice, Plan, parse_layer_option, parse_spec, read_plan
 from .rewrite import rewrite_model
 from .runtime import create_session, resolve_provider
 
@@ -98,8 +99,8 @@ class _Prepared:
 
 
 def _check_counts(**values) -> None:
-    """--threads and --calib-samples at least 1, --seed and --top-k at least 0."""
-    least = {"threads": 1, "calib_samples": 1, "seed": 0, "top_k": 0}
+    """--threads, --calib-samples and --max-verifications at least 1, --seed and --top-k at least 0."""
+    least = {"threads": 1, "calib_samples": 1, "seed": 0, "top_k": 0, "max_verifications": 1}
     for name, value in values.items():
         if value is not None and value < least[name]:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {least[name]}")
@@ -130,6 +131,19 @@ def _factorization(requested: str | None, data_path) -> str:
     return requested
 
 
+def _calibration(requested: str | None, factorization: str) -> str:
+    """Independent unless sequential is asked for (on MiniLM it measured worse on held-out
+    sentences, sequential.py); a plain plan has no data to fit on."""
+    if requested is not None and requested not in CALIBRATIONS:
+        raise UserError(f"--calibration {requested!r}: use one of {', '.join(CALIBRATIONS)}")
+    if factorization == "plain":
+        if requested == "sequential":
+            raise UserError("--calibration sequential fits layers on data: give --data (or --factorization "
+                            "whitened/scaled)")
+        return "independent"
+    return requested or "independent"
+
+
 def _memory_budget(text) -> int:
     """--memory-budget in bytes; by default half of the memory available now."""
     if text is None:
@@ -148,10 +162,12 @@ def _cannot_pay_off(prep: _Prepared, forced: dict, methods) -> dict[str, str]:
 
 
 def _statistics(prep: _Prepared, calib, forced: dict, methods, budget: int, threads: int,
-                progress: Progress):
-    """Calibration statistics of the layers that may be rewritten, each kept as the memory
-    budget allows; a layer left without them is fitted plainly, with a warning naming it."""
-    wanted = [l for n, l in prep.layers.items() if n not in forced or forced[n].method != "dense"]
+                progress: Progress, pairs: list = ()):
+    """Calibration statistics of the layers that may be rewritten and of the consumers of the
+    pairs that may be pruned, each kept as the memory budget allows; a layer left without them
+    is fitted plainly, with a warning naming it."""
+    refitted = {c.consumer for c in forced.values() if c.consumer} | {p.consumer.name for p in pairs}
+    wanted = [l for n, l in prep.layers.items() if n not in forced or forced[n].method != "dense" or n in refitted]
     representations = calibrate.plan_statistics(
         [l for l in wanted if not l.scope], budget, {l.name: space_mod.largest_rank(l, methods) for l in wanted})
     for name, r in representations.items():
@@ -176,6 +192,13 @@ def _forced(prep: _Prepared, layer_specs, exclude) -> dict[str, Choice]:
         if name not in prep.layers:
             raise UserError(f"--layer {name}: no such layer (see `denseflex-onnx inspect`)")
         forced[name] = parse_spec(prep.layers[name], spec, prep.pairs)
+    for name, choice in list(forced.items()):
+        if choice.consumer:         # a pruned pair rewrites its consumer: that one stays as the pair leaves it
+            other = forced.get(choice.consumer, DENSE)
+            if other.method != "dense":
+                raise UserError(f"--layer {name}={choice.spec} rewrites {choice.consumer} too (the pair's "
+                                f"consumer): it cannot also take {other.spec}")
+            forced[choice.consumer] = DENSE
     return forced
 
 
@@ -200,7 +223,7 @@ def apply(path, out, **options) -> dict:
 
 def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=None, force=False,
           input_shapes=None, calib_samples: int = 128, seed: int = 0, memory_budget=None,
-          factorization=None) -> dict:
+          factorization=None, calibration=None) -> dict:
     path, out = Path(path), Path(out)
     if plan_path is not None and (layer_specs or all_spec):
         raise UserError("--plan takes no --layer or --all: edit the plan, or use --all/--layer alone")
@@ -220,10 +243,14 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
         if plan.factorization != "plain" and data is None:
             raise UserError(f"{plan_path} is a {plan.factorization} (data-aware) plan: give the calibration data "
                             f"with --data to re-apply it")
+        if calibration is not None and calibration != plan.calibration:
+            raise UserError(f"{plan_path} is a {plan.calibration}ly calibrated plan: --calibration {calibration} "
+                            f"would not give the model it describes; drop the flag")
     else:       # --all for every layer it fits, then --layer overrides (`--layer head=dense`)
         plan, notes = _plan_for_all(prep, all_spec) if all_spec else (Plan({}, "plain"), [])
         plan.layers.update(_forced(prep, layer_specs, None))
         plan.factorization = _factorization(factorization, data)     # whitened with --data, as optimize
+        plan.calibration = _calibration(calibration, plan.factorization)
     plan.model_sha256 = prep.loaded.sha256
     if not plan.rewritten():
         raise UserError("the plan rewrites no layer: nothing to do")
@@ -233,18 +260,17 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
     calib = evaluation = None
     if data is not None:
         calib, evaluation = _dataset(prep.loaded, data, calib_samples, seed)
-        # a pruned pair's consumer is refitted on its input statistics whenever there is data
-        wanted = {c.consumer for c in plan.rewritten().values() if c.consumer}
-        if mode != "plain":
-            wanted |= {n for n, c in plan.rewritten().items() if not c.consumer}
+        # data-aware plans fit each layer, and a pruned pair's consumer, on its input statistics
+        wanted = set() if mode == "plain" else {c.consumer or n for n, c in plan.rewritten().items()}
         if wanted:
             stats, _ = _statistics(prep, calib, {n: DENSE for n in prep.layers if n not in wanted},
                                    None, budget_bytes, 1, Progress())
-    new = _rewrite(prep, space_mod.Factors(prep.layers, stats, mode), plan)
+    new = _rewrite(prep, space_mod.Factors(prep.layers, stats, mode), plan, calib)
     files = model_mod.write_model(new, out, external=prep.loaded.external_data)
     summary = _summary(prep, plan, new)
     summary["notes"] = notes
     summary["factorization"] = plan.factorization
+    summary["calibration"] = plan.calibration
     summary["files"] = [str(f) for f in files]
     if evaluation is not None:
         ref_session = create_session(prep.loaded.proto)
@@ -333,12 +359,13 @@ class _Explored:
     kept_dense: dict = field(default_factory=dict)    # layer -> why it was never factorized
     statistics: dict = field(default_factory=dict)    # layer -> how its input statistics were kept
     memory_budget: int = 0
+    calibration: str = "independent"
 
 
 def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
              threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
              layer_specs, exclude, input_shapes, progress: Progress, methods=None, exhaustive=False,
-             timing: profile.Budget | None = None, memory_budget=None) -> _Explored:
+             timing: profile.Budget | None = None, memory_budget=None, calibration=None) -> _Explored:
     started = time.monotonic()
     constraints = Constraints.parse(latency, memory, flops, max_accuracy_drop, objective)
     provider = resolve_provider(provider)
@@ -349,11 +376,8 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     budget_bytes = _memory_budget(memory_budget)
     prep = _prepare(path, input_shapes)
     mode = _factorization(factorization, data)
+    calibration = _calibration(calibration, mode)
     forced = _forced(prep, layer_specs, exclude)
-    pruned = [n for n, c in forced.items() if c.consumer]
-    if pruned:
-        raise UserError(f"--layer {pruned[0]}={forced[pruned[0]].spec}: pair pruning is applied with "
-                        f"`denseflex-onnx apply` only, not searched yet")
     calib, evaluation = _dataset(prep.loaded, data, calib_samples, seed)
     metric = metric or metrics.default_metric(evaluation)
     if metric == "accuracy" and evaluation.labels is None:
@@ -361,12 +385,13 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
 
     kept_dense = {} if exhaustive else _cannot_pay_off(prep, forced, methods)
     layers = list(prep.layers.values())
+    pairs = _pairs(prep, methods, forced, exhaustive)
     stats, representations = _statistics(prep, calib, {**forced, **{n: DENSE for n in kept_dense}}, methods,
-                                         budget_bytes, threads, progress)
+                                         budget_bytes, threads, progress, pairs)
     factors = space_mod.Factors(prep.layers, stats, mode)
     with progress.task("decomposition and layer errors", len(layers)) as advance:
         space = space_mod.build(layers, factors, methods, forced, on_layer=lambda _: advance(),
-                                prune=not exhaustive, kept_dense=kept_dense)
+                                prune=not exhaustive, kept_dense=kept_dense, pairs=pairs)
 
     engine_cache = (Path(cache_dir) if cache_dir else profile.default_cache_dir()).parent / "trt-engines" \
         if provider == "TensorrtExecutionProvider" else None
@@ -391,11 +416,12 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
                                          budget=timing or profile.Budget(), deadline=deadline,
                                          opset=max(prep.loaded.opset, 13), engine_cache=engine_cache,
                                          on_candidate=lambda _: advance(), warn=log.warning,
-                                         keys=_pareto_keys(constraints), prune=not exhaustive)
+                                         keys=_pareto_keys(constraints), prune=not exhaustive,
+                                         pairs={p.name: p for p in prep.pairs.pairs})
     itemsize = {n: l.dtype.itemsize for n, l in prep.layers.items()}
     ex = _Explored(prep, constraints, provider, threads, mode, metric, output, calib, evaluation, factors,
                    space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget(),
-                   session, kept_dense=kept_dense, memory_budget=budget_bytes,
+                   session, kept_dense=kept_dense, memory_budget=budget_bytes, calibration=calibration,
                    statistics={n: r.to_json() for n, r in representations.items()})
     if sensitivity:
         probe = calib.take(0, min(sens.PROBE_SAMPLES, calib.samples))
@@ -406,6 +432,50 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
                 space, lambda name, cand: 100.0 - _fidelity(ex, {name: cand}, probe, probe_reference),
                 on_probe=advance)
     return ex
+
+
+def _pairs(prep: _Prepared, methods, forced: dict, exhaustive: bool) -> list:
+    """The pairs whose prune candidates join the space: those with neither layer forced, that
+    hold a share of the model that can pay off (unless `methods` leaves prune out)."""
+    if methods is not None and "prune" not in methods:
+        return []
+    return [p for p in prep.pairs.pairs if p.name not in forced and p.consumer.name not in forced
+            and (exhaustive or p.flops_share >= space_mod.NEGLIGIBLE_SHARE
+                 or p.params_share >= space_mod.NEGLIGIBLE_SHARE)]
+
+
+def _held_out_errors(ex: _Explored, choices: dict) -> dict[str, float]:
+    """Each rewritten layer's (a pair's: its consumer's) relative output error on the evaluation
+    samples, alone on the original model's inputs, as fitted on the calibration samples. Only
+    for independent calibration, and layers whose X^T X is small enough to keep whole."""
+    if ex.calibration != "independent":
+        return {}
+    rewritten = {n: c for n, c in choices.items() if not c.is_dense}
+    targets = {n: ex.prep.layers[c.choice.consumer or n] for n, c in rewritten.items()}
+    measured = [l for l in {t.name: t for t in targets.values()}.values()
+                if not l.scope and l.matrix_shape[0] <= calibrate.FULL_GRAM_MAX_INPUTS]
+    if not measured:
+        return {}
+    stats = calibrate.collect(ex.prep.loaded, measured, ex.evaluation, threads=ex.threads)
+    out = {}
+    for name, cand in rewritten.items():
+        target = targets[name]
+        if target.name not in stats:
+            continue
+        layer, diff = space_mod.change_of(ex.factors, cand, ex.prep.layers, ex.prep.pairs)
+        centered = ex.mode != "plain" and target.side != "left"
+        out[name] = space_mod.relative_output_error(layer, diff, stats[target.name].expected(centered))
+    return out
+
+
+def _sizes(prep: _Prepared) -> dict[str, dict[str, int]]:
+    """What uniform fractions are of: each layer's full rank, each pair's inner channels. A layer
+    whose factorization cannot pay off has no rank here (the uniform plan keeps it dense, pruned
+    search or exhaustive alike)."""
+    out = {n: {} if space_mod.cannot_pay_off(l) else {"rank": int(min(l.matrix_shape))} for n, l in prep.layers.items()}
+    for pair in prep.pairs.pairs:
+        out[pair.name]["keep"] = pair.channels
+    return out
 
 
 def _fidelity(ex: _Explored, choices: dict, data: data_mod.Dataset, reference: np.ndarray) -> float:
@@ -426,20 +496,56 @@ def _pareto_keys(constraints: Constraints) -> tuple[str, ...]:
 
 
 def _build(ex: _Explored, choices: dict) -> tuple[Plan, onnx.ModelProto]:
-    plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256)
-    return plan, _rewrite(ex.prep, ex.factors, plan)
+    plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256,
+                calibration=ex.calibration)
+    return plan, _rewrite(ex.prep, ex.factors, plan, ex.calib, ex.threads)
 
 
-def _rewrite(prep: _Prepared, factors: space_mod.Factors, plan: Plan) -> onnx.ModelProto:
+def _rewrite(prep: _Prepared, factors: space_mod.Factors, plan: Plan, calib=None, threads: int = 1) -> onnx.ModelProto:
+    """The model `plan` describes; a sequential data-aware plan is fitted stage by stage on `calib`."""
+    if plan.calibration == "sequential" and plan.factorization != "plain" and calib is not None:
+        return _rewrite_sequential(prep, factors, plan, calib, threads)
     layers, factor_map = dict(prep.layers), {}
     for name, choice in plan.rewritten().items():
         with about_layer(name):
             if choice.consumer:         # a pair pass fits the pair on its consumer's input statistics
                 layers[name] = prep.pairs.pair(name)
-                factor_map[name] = PASSES[choice.method].factorize(layers[name], choice.config,
-                                                                   factors.stats.get(choice.consumer))
+                factor_map[name] = factors.pair_factors(layers[name], choice)
             else:
                 layers[name], factor_map[name] = factors.rewrite_inputs(prep.layers[name], choice)
+    return rewrite_model(prep.loaded.proto, layers, plan, factor_map)
+
+
+def _rewrite_sequential(prep: _Prepared, factors: space_mod.Factors, plan: Plan, calib, threads: int) -> onnx.ModelProto:
+    """sequential.py: stage by stage, each layer (a pair: its consumer) anchored to the original
+    output on the inputs of the model rewritten so far, then fitted by its pass as usual. A
+    layer without full statistics, or not anchorable, is fitted independently."""
+    rewritten = plan.rewritten()
+    units = {n: (prep.layers[n].input, prep.layers[c.consumer or n].output) for n, c in rewritten.items()}
+    layers, factor_map, done = dict(prep.layers), {}, {}
+    for i, stage in enumerate(sequential.stages(sequential.depths(prep.loaded.proto.graph, units))):
+        anchors = {}
+        fitted = [prep.layers[rewritten[n].consumer or n] for n in stage]
+        fitted = [l for l in fitted if sequential.can_anchor(l) and getattr(factors.stats.get(l.name), "kind", "") == "full"]
+        if i > 0 and fitted:
+            partial = rewrite_model(prep.loaded.proto, layers, Plan(dict(done), plan.factorization), factor_map)
+            anchors = calibrate.collect_anchored(prep.loaded, partial, fitted, calib, threads=threads)
+        for name in stage:
+            choice = rewritten[name]
+            target = choice.consumer or name
+            with about_layer(name):
+                local = factors
+                if target in anchors:
+                    layer = sequential.anchored(prep.layers[target], space_mod.as_matrix, anchors[target])
+                    local = space_mod.Factors({**prep.layers, target: layer}, {target: anchors[target].stats()},
+                                              factors.mode)
+                if choice.consumer:
+                    pair = prep.pairs.pair(name)
+                    anchored_pair = dataclasses.replace(pair, consumer=local.layers[target])
+                    layers[name], factor_map[name] = pair, local.pair_factors(anchored_pair, choice)
+                else:
+                    layers[name], factor_map[name] = local.rewrite_inputs(local.layers[name], choice)
+            done[name] = choice
     return rewrite_model(prep.loaded.proto, layers, plan, factor_map)
 
 
@@ -458,12 +564,8 @@ def _verify(ex: _Explored, choices: dict) -> search.Verified:
     scoring = candidate if ex.provider == "CPUExecutionProvider" else create_session(new, "CPUExecutionProvider", ex.threads)
     result = metrics.outputs(scoring, ex.evaluation, ex.prep.loaded, ex.output)
     value = metrics.score(ex.metric, result, ex.reference, ex.evaluation.labels)
-    est = search.estimate(choices, _dense(ex.space), ex.baseline, ex.itemsize)
+    est = search.estimate(ex.space, choices, ex.baseline, ex.itemsize)
     return search.Verified(float(np.median(b)), float(np.median(a)), value, _weight_bytes(new), int(est.flops))
-
-
-def _dense(space):
-    return {n: next(c for c in space.candidates[n] if c.is_dense) for n in space.candidates}
 
 
 def _report(ex: _Explored, path, status, chosen: dict, verified: search.Verified | None, misses: list[str],
@@ -479,7 +581,7 @@ def _report(ex: _Explored, path, status, chosen: dict, verified: search.Verified
         "status": status, "model": str(path), "model_sha256": ex.prep.loaded.sha256,
         "provider": ex.provider, "threads": ex.threads,
         "input_shapes": {k: list(v) for k, v in ex.prep.loaded.input_shapes.items()},
-        "factorization": ex.mode, "metric": ex.metric,
+        "factorization": ex.mode, "calibration": ex.calibration, "metric": ex.metric,
         "samples": {"calibration": ex.calib.samples, "evaluation": ex.evaluation.samples,
                     "synthetic": ex.calib.synthetic},
         "constraints": {"latency": ex.constraints.latency and ex.constraints.latency.text,
@@ -498,7 +600,7 @@ def _report(ex: _Explored, path, status, chosen: dict, verified: search.Verified
         "candidates": report.candidate_rows(ex.space, chosen),
     }
     if verified is not None:
-        params = params_total + sum(c.params - _dense(ex.space)[n].params for n, c in chosen.items())
+        params = params_total + sum(ex.space.delta(c, "params") for c in chosen.values())
         out["result"] = {"latency_s": b.latency * verified.latency / verified.baseline_latency,
                          "latency_ab_s": [verified.baseline_latency, verified.latency],
                          "speedup": verified.speedup, "bytes": verified.bytes, "flops": verified.flops,
@@ -508,8 +610,10 @@ def _report(ex: _Explored, path, status, chosen: dict, verified: search.Verified
 
 def _step_row(ex: _Explored, step) -> dict:
     v = step.verified
-    params = ex.prep.discovery.total_params + sum(c.params - _dense(ex.space)[n].params for n, c in step.choices.items())
-    return {"error_budget": step.error_budget, "latency_s": ex.baseline.latency * v.latency / v.baseline_latency,
+    params = ex.prep.discovery.total_params + sum(ex.space.delta(c, "params") for c in step.choices.values())
+    return {"error_budget": step.error_budget, "uniform": step.label, "estimated_error": step.estimate.error,
+            "metric_drop": ex.baseline.metric - v.metric,
+            "latency_s": ex.baseline.latency * v.latency / v.baseline_latency,
             "speedup": v.speedup, "metric": v.metric, "bytes": v.bytes, "flops": v.flops, "params": params,
             "misses": list(step.misses), "plan": {n: c.spec for n, c in step.choices.items() if not c.is_dense}}
 
@@ -527,7 +631,7 @@ def explore(path, prefix, *, latency=None, memory=None, flops=None, max_accuracy
             metric=None, output=None, data=None, provider="cpu", threads=1, factorization=None, calib_samples=128,
             sensitivity=False, time_budget=None, cache_dir=None, no_cache=False, seed=0, layer_specs=None,
             exclude=None, input_shapes=None, force=False, progress: Progress | None = None,
-            timing: profile.Budget | None = None, memory_budget=None) -> Result:
+            timing: profile.Budget | None = None, memory_budget=None, calibration=None) -> Result:
     """Space, measure and the MILP's choice (estimated, not verified); writes `prefix`.report.* only.
 
     Example: explore("model.onnx", "space", flops="-50%")     # space.report.json, .csv, .md, .pareto.png
@@ -545,10 +649,11 @@ def _explore_reports(path, prefix, *, force=False, progress: Progress | None = N
     limits = search.Limits.resolve(ex.constraints, ex.baseline)
     worst = sum(max((c.error for c in ex.space.alive(n)), default=0.0) for n in ex.space.candidates)
     choices = search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize) or {}
-    plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256)
+    plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256,
+                calibration=ex.calibration)
     data = _report(ex, path, "explored" if choices else "infeasible", choices, None, [], [], plan)
     if choices:
-        e = search.estimate(choices, _dense(ex.space), ex.baseline, ex.itemsize, ex.space.error_scale)
+        e = search.estimate(ex.space, choices, ex.baseline, ex.itemsize)
         data["estimate"] = {"latency_s": e.latency, "bytes": e.bytes, "flops": e.flops, "summed_layer_error": e.error}
     files: list[Path] = []
     with _all_or_nothing(files):
@@ -573,8 +678,10 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
              factorization=None, calib_samples=128, sensitivity=False, time_budget=None, cache_dir=None,
              no_cache=False, seed=0, layer_specs=None, exclude=None, input_shapes=None, top_k=0,
              force=False, progress: Progress | None = None, exhaustive: bool = False,
-             timing: profile.Budget | None = None, memory_budget=None) -> Result:
+             timing: profile.Budget | None = None, memory_budget=None, calibration=None,
+             max_verifications: int | None = None, methods: list[str] | None = None) -> Result:
     """Find the plan that meets the constraints; with `out`, write the model, plan and reports.
+    `methods` limits the passes searched (e.g. ["svd"]; default all, pairs' prune included).
 
     Example: optimize("model.onnx", "small.onnx", latency="-30%", data="val.npz")
     """
@@ -585,7 +692,7 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
 def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
               threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
               layer_specs, exclude, input_shapes, top_k, force, progress, exhaustive, timing,
-              memory_budget) -> Result:
+              memory_budget, calibration, max_verifications, methods) -> Result:
     path = Path(path)
     _check_counts(top_k=top_k)
     paths = report.output_paths(Path(out)) if out is not None else None
@@ -599,15 +706,22 @@ def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective
                   sensitivity=sensitivity, time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache,
                   seed=seed, layer_specs=layer_specs, exclude=exclude, input_shapes=input_shapes,
                   progress=progress or Progress(), exhaustive=exhaustive, timing=timing,
-                  memory_budget=memory_budget)
+                  memory_budget=memory_budget, calibration=calibration, methods=methods)
     limits = search.Limits.resolve(ex.constraints, ex.baseline)
-    with (progress or Progress()).task("verifying plans end to end", search.MAX_VERIFICATIONS) as advance:
+    _check_counts(max_verifications=max_verifications)
+    most = search.MAX_VERIFICATIONS if max_verifications is None else max_verifications
+    uniform = search.uniform_plans(ex.space, _sizes(ex.prep), ex.baseline, limits, ex.itemsize)
+    with (progress or Progress()).task("verifying plans end to end", most + len(uniform)) as advance:
         found = search.choose(ex.space, ex.baseline, limits, ex.constraints.objective, ex.itemsize,
-                              lambda choices: _verify(ex, choices), on_step=lambda _: advance())
+                              lambda choices: _verify(ex, choices), most, on_step=lambda _: advance(),
+                              uniform=uniform)
     status = "ok" if found.feasible else "infeasible"
     plan, new = _build(ex, found.choices)
     misses = missed_line(found.misses)
     data_out = _report(ex, path, status, found.choices, found.verified, misses, found.steps, plan)
+    data_out["held_out_errors"] = _held_out_errors(ex, found.choices)
+    # how the verified uniform plans corrected the estimates: x prune's error, against factorization's
+    data_out["error_correction"] = found.method_scale
     result = Result(status, plan, data_out, [], misses)
     if paths is None:
         return result
@@ -647,12 +761,13 @@ def _alternatives(ex: _Explored, limits, found, k: int) -> list[dict]:
     """The next best distinct plans by the MILP (estimated within the limits), for --top-k."""
     out: list[dict] = []
     excluded = [found.choices]
-    worst = sum(max((c.error for c in ex.space.alive(n)), default=0.0) for n in ex.space.candidates)
-    budget = sum(c.error for c in found.choices.values())
+    space = dataclasses.replace(ex.space, method_scale=found.method_scale)     # as the search weighed them
+    worst = sum(max((space.weighted_error(c) for c in space.alive(n)), default=0.0) for n in space.candidates)
+    budget = sum(space.weighted_error(c) for c in found.choices.values())
     for _ in range(k):
-        choices = search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, max(budget, 1e-12),
+        choices = search.solve(space, ex.baseline, limits, ex.constraints.objective, max(budget, 1e-12),
                                ex.itemsize, exclude=excluded) or \
-            search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize, exclude=excluded)
+            search.solve(space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize, exclude=excluded)
         if not choices:
             break
         out.append(choices)

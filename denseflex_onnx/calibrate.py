@@ -279,3 +279,54 @@ class _Sums:
     def stats(self) -> LayerStats:
         gram = self.sketch.gram() if self.sketch is not None else self.gram
         return LayerStats(gram, self.total, self.total_abs, self.count)
+
+
+@dataclass
+class Anchored:
+    """One layer's inputs in the partly rewritten model (X~) beside the original's (X), row by
+    row: X~^T X~, X~^T X and the sums (sequential.py)."""
+    gram_tilde: np.ndarray
+    cross: np.ndarray
+    total_tilde: np.ndarray
+    total: np.ndarray
+    total_abs_tilde: np.ndarray
+    count: int
+
+    def stats(self) -> LayerStats:
+        """X~'s statistics, what the anchored layer is fitted on."""
+        return LayerStats(self.gram_tilde, self.total_tilde, self.total_abs_tilde, self.count)
+
+
+def collect_anchored(model: LoadedModel, rewritten: onnx.ModelProto, layers: list[Layer], data: Dataset,
+                     provider: str = "CPUExecutionProvider", threads: int = 1) -> dict[str, Anchored]:
+    """Runs the original model and `rewritten` (the same interface, these layers' input tensors
+    kept) over `data` chunk by chunk, accumulating each layer's Anchored sums."""
+    layers = [layer for layer in layers if not layer.scope]
+    if not layers or data.samples == 0:
+        return {}
+    wanted = sorted({layer.input for layer in layers})
+    sessions = []
+    for proto in (model.proto, rewritten):
+        tapped = onnx.ModelProto()
+        tapped.CopyFrom(proto)
+        present = {o.name for o in tapped.graph.output}
+        tapped.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in present)
+        sessions.append(create_session(tapped, provider, threads))
+    sums: dict[str, Anchored] = {}
+    for chunk in feeds(data, model):
+        original = dict(zip(wanted, sessions[0].run(wanted, chunk)))
+        tilde = dict(zip(wanted, sessions[1].run(wanted, chunk)))
+        mask = chunk.get(TOKEN_MASK)
+        for layer in layers:
+            for x, xt in zip(input_blocks(layer, original[layer.input], mask=mask),
+                             input_blocks(layer, tilde[layer.input], mask=mask)):
+                k = x.shape[1]
+                s = sums.setdefault(layer.name, Anchored(np.zeros((k, k)), np.zeros((k, k)), np.zeros(k),
+                                                         np.zeros(k), np.zeros(k), 0))
+                s.gram_tilde += xt.T @ xt
+                s.cross += xt.T @ x
+                s.total_tilde += xt.sum(axis=0)
+                s.total += x.sum(axis=0)
+                s.total_abs_tilde += np.abs(xt).sum(axis=0)
+                s.count += x.shape[0]
+    return sums

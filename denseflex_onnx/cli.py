@@ -33,6 +33,8 @@ ForceOpt = typer.Option(False, "--force", help="overwrite existing output files"
 DebugOpt = typer.Option(False, "--debug", help="show the traceback behind an error")
 BudgetOpt = typer.Option(None, "--memory-budget", help="memory the calibration statistics may hold, e.g. 8GB "
                          "(default: half of the memory available)")
+CalibrationOpt = typer.Option(None, "--calibration", help="independent|sequential: fit each layer on the original "
+                              "model's inputs (default), or stage by stage on the rewritten model's")
 
 
 class RichProgress(api.Progress):
@@ -158,6 +160,7 @@ def apply(model: Path = typer.Argument(..., help="the .onnx file"),
           input_shape: Optional[List[str]] = ShapeOpt,
           factorization: Optional[str] = typer.Option(None, help="plain|scaled|whitened (default whitened "
                                                       "with --data)"),
+          calibration: Optional[str] = CalibrationOpt,
           memory_budget: Optional[str] = BudgetOpt,
           force: bool = ForceOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Rewrite layers by a plan or by method specs (svd:64, tt:0.25, conv_svd:0.5, conv_tt:16x32, dense)."""
@@ -165,7 +168,7 @@ def apply(model: Path = typer.Argument(..., help="the .onnx file"),
     with _user_errors(debug):
         summary = api.apply(model, output, plan_path=plan, layer_specs=layer or None, all_spec=all_spec,
                             data=data, force=force, input_shapes=parse_input_shapes(input_shape),
-                            memory_budget=memory_budget, factorization=factorization)
+                            memory_budget=memory_budget, factorization=factorization, calibration=calibration)
     if quiet:
         return
     table = Table(title=f"{output}")
@@ -210,6 +213,10 @@ def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
              exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="keep this layer dense"),
              input_shape: Optional[List[str]] = ShapeOpt,
              top_k: int = typer.Option(0, "--top-k", help="also write the next N plans"),
+             max_verifications: int = typer.Option(4, "--max-verifications",
+                                                   help="plans of the search built and measured end to end "
+                                                        "(the uniform baselines come on top)"),
+             calibration: Optional[str] = CalibrationOpt,
              force: bool = ForceOpt,
              memory_budget: Optional[str] = BudgetOpt,
              json_out: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
@@ -224,7 +231,8 @@ def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
                               time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache, seed=seed,
                               layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape),
                               top_k=top_k, force=force, progress=RichProgress(not quiet and not json_out),
-                              memory_budget=memory_budget)
+                              memory_budget=memory_budget, max_verifications=max_verifications,
+                              calibration=calibration)
     if json_out:
         summary = {k: result.report[k] for k in ("status", "baseline", "result", "stages", "plan", "misses")
                    if k in result.report}
@@ -278,6 +286,7 @@ def explore(model: Path = typer.Argument(..., help="the .onnx file"),
             layer: Optional[List[str]] = typer.Option(None, "--layer"),
             exclude: Optional[List[str]] = typer.Option(None, "--exclude"),
             input_shape: Optional[List[str]] = ShapeOpt, memory_budget: Optional[str] = BudgetOpt,
+            calibration: Optional[str] = CalibrationOpt,
             force: bool = ForceOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Explore the design space and write reports (PREFIX.report.json/.csv/.md, PREFIX.pareto.png); no model."""
     _setup(quiet)
@@ -288,7 +297,7 @@ def explore(model: Path = typer.Argument(..., help="the .onnx file"),
                              factorization=factorization, calib_samples=calib_samples, sensitivity=sensitivity,
                              time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache, seed=seed,
                              layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape),
-                             memory_budget=memory_budget)
+                             memory_budget=memory_budget, calibration=calibration)
     if not quiet:
         s = result.report["stages"]
         out.print(f"design space: {s['grid']} -> {s['after_saves_nothing']} -> {s['after_dominated']} -> "

@@ -14,7 +14,7 @@ say why not. Only the main graph is searched (pairs inside If/Loop bodies are no
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -79,6 +79,30 @@ class Pair:
     @property
     def flops(self) -> int:
         return self.producer.flops + self.consumer.flops
+
+    @property
+    def flops_share(self) -> float:
+        return self.producer.flops_share + self.consumer.flops_share
+
+    @property
+    def params_share(self) -> float:
+        return self.producer.params_share + self.consumer.params_share
+
+    def layers_at(self, keep: int) -> tuple[Layer, Layer]:
+        """The producer and the consumer as they run with `keep` inner channels (the first ones:
+        which channels are kept changes nothing about the run time), to time them alone."""
+        p, c = self.producer, self.consumer
+        if p.op == "Conv":
+            w1, w2 = p.weight[:keep], c.weight[:, :keep]
+        else:
+            w1, w2 = p.weight[:, :keep], c.weight[:keep]
+        b1 = None if p.bias is None else (p.bias[:keep] if p.bias.size == self.channels else p.bias)
+        out1 = list(p.output_shape)
+        out1[self.axis] = keep
+        act2 = list(c.activation_shape)
+        act2[self.axis] = keep
+        return (replace(p, weight=np.ascontiguousarray(w1), bias=b1, output_shape=tuple(out1)),
+                replace(c, weight=np.ascontiguousarray(w2), activation_shape=tuple(act2)))
 
     def to_json(self) -> dict:
         return {"producer": self.producer.name, "consumer": self.consumer.name, "channels": self.channels,

@@ -12,6 +12,7 @@ from .errors import UserError
 
 PLAN_FORMAT = "denseflex-plan/1"
 FACTORIZATIONS = ("plain", "scaled", "whitened")
+CALIBRATIONS = ("independent", "sequential")
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,13 @@ class Plan:
     factorization: str = "plain"
     model_sha256: str = ""
     notes: list[str] = field(default_factory=list)
+    # data-aware plans: each layer fitted on the original model's inputs, or stage by stage on
+    # the inputs of the model rewritten so far (sequential.py)
+    calibration: str = "independent"
 
     def to_json(self) -> dict:
         return {"format": PLAN_FORMAT, "model_sha256": self.model_sha256,
-                "factorization": self.factorization,
+                "factorization": self.factorization, "calibration": self.calibration,
                 "layers": {name: {"method": c.method, "config": c.config,
                                   **({"consumer": c.consumer} if c.consumer else {})}
                            for name, c in sorted(self.layers.items()) if c.method != "dense"}}
@@ -118,6 +122,9 @@ def read_plan(path: str | Path, layers_by_name: dict, pairs=None) -> Plan:
     factorization = data.get("factorization", "plain")
     if factorization not in FACTORIZATIONS:
         raise UserError(f"{path}: factorization {factorization!r} is not one of {', '.join(FACTORIZATIONS)}")
+    calibration = data.get("calibration", "independent")
+    if calibration not in CALIBRATIONS:
+        raise UserError(f"{path}: calibration {calibration!r} is not one of {', '.join(CALIBRATIONS)}")
     unknown = sorted(set(data["layers"]) - set(layers_by_name))
     if unknown:
         raise UserError(f"{path}: names layers the model does not have: {', '.join(unknown[:5])}"
@@ -148,7 +155,7 @@ def read_plan(path: str | Path, layers_by_name: dict, pairs=None) -> Plan:
         if expected is not None and expected != choices[name].consumer:
             raise UserError(f"{path}: layer {name}: the plan pairs it with {expected}, but in this model "
                             f"it pairs with {choices[name].consumer}")
-    return Plan(choices, factorization, data.get("model_sha256", ""))
+    return Plan(choices, factorization, data.get("model_sha256", ""), calibration=calibration)
 
 
 def _config_ok(method: str, config) -> bool:

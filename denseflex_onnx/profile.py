@@ -183,8 +183,13 @@ class MeasureStats:
 def measure_space(space, layers: dict, factors, cache: Cache, provider: str, threads: int,
                   budget: Budget = Budget(), deadline: float | None = None, opset: int = 17,
                   engine_cache: Path | None = None, on_candidate=None, warn=None,
-                  keys: tuple[str, ...] = ("latency", "params", "flops", "error"), prune: bool = True) -> MeasureStats:
+                  keys: tuple[str, ...] = ("latency", "params", "flops", "error"), prune: bool = True,
+                  pairs: dict | None = None) -> MeasureStats:
     """Times every surviving candidate; layers alike (same signature) are timed once.
+
+    A pair candidate (prune, `pairs` by producer) is timed as its two layers at the channels
+    kept, each alone like a dense layer: its latency is their sum, against the sum of the two
+    dense layers (the elementwise ops between, which pruning also shrinks, are not counted).
 
     Stage 3 then drops candidates dominated on `keys`: the figures the constraints and
     the objective use (latency and error always).
@@ -192,8 +197,8 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
     as not timed, cached ones still count. A candidate whose timing fails is reported
     through `warn` and dropped; the search goes on without it.
     """
-    from .rewrite import one_layer_model
-    from .space import DOMINATED_TIMED, NOT_TIMED, TIMING_FAILED, dominated
+    from .plan import DENSE
+    from .space import DOMINATED_TIMED, NOT_TIMED, TIMING_FAILED, dominated_by_group
 
     stats = MeasureStats()
     measured: dict[tuple, Timing | None] = {}
@@ -202,44 +207,58 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
     for cand in order:
         if cand.dropped is not None and not cand.is_dense:    # dense is the reference: always timed
             continue
-        layer = layers[cand.layer]
-        what = {"signature": repr(layer.signature()), "spec": cand.spec, "opset": opset}
-        key = (what["signature"], cand.spec)
-        if key not in measured:
-            timing = cache.get(what)
-            if timing is not None:
-                stats.cached += 1
-            elif deadline is not None and time.monotonic() > deadline and not cand.is_dense:
-                stats.skipped_budget += 1
-                measured[key] = None
-                cand.dropped = NOT_TIMED
-                continue
-            else:
-                try:
-                    chosen = None if cand.is_dense else factors.factors(layer, cand.choice)
-                    model = one_layer_model(layer, cand.choice, chosen, opset)
-                    session = create_session(model, provider, threads, engine_cache)
-                    timing = time_session(session, random_inputs(session, {"x": layer.activation_shape}),
-                                          provider, budget)
-                    cache.put(what, timing)
-                    stats.timed += 1
-                except Exception as exc:    # one candidate's failure must not end the search
-                    stats.failed += 1
-                    measured[key] = None
-                    cand.dropped = TIMING_FAILED
-                    if warn:
-                        warn(f"timing {cand.layer} {cand.spec} failed: {first_line(exc)}")
-                    continue
-            measured[key] = timing
-        timing = measured[key]
-        if timing is None:
+        if cand.covers:
+            units = [(part, DENSE) for part in pairs[cand.layer].layers_at(cand.choice.config["keep"])]
+        else:
+            units = [(layers[cand.layer], cand.choice)]
+        total = []
+        for layer, choice in units:
+            total.append(_measure(layer, choice, cand, factors, measured, cache, stats, provider, threads,
+                                  budget, deadline, opset, engine_cache, warn))
+            if total[-1] is None:
+                break
+        if total[-1] is None:
             cand.dropped = NOT_TIMED if deadline is not None and time.monotonic() > deadline else TIMING_FAILED
             continue
-        cand.latency, cand.p90 = timing.median, timing.p90
+        cand.latency, cand.p90 = sum(t.median for t in total), sum(t.p90 for t in total)
         if on_candidate:
             on_candidate(cand)
     for name in space.candidates:
-        for cand in dominated(space.alive(name), keys) if prune else []:
+        for cand in dominated_by_group(space.alive(name), keys) if prune else []:
             cand.dropped = DOMINATED_TIMED
     space.stage_counts["after_timing"] = sum(len(space.alive(n)) for n in space.candidates)
     return stats
+
+
+def _measure(layer, choice, cand, factors, measured: dict, cache: Cache, stats: MeasureStats, provider: str,
+             threads: int, budget: Budget, deadline, opset: int, engine_cache, warn) -> Timing | None:
+    """One one-layer model's timing, from this run's memo, the cache, or measured now; None when
+    it failed or time ran out (counted in `stats`, reported through `warn`)."""
+    from .rewrite import one_layer_model
+    dense = choice.method == "dense"
+    spec = "dense" if dense else choice.spec
+    what = {"signature": repr(layer.signature()), "spec": spec, "opset": opset}
+    key = (what["signature"], spec)
+    if key in measured:
+        return measured[key]
+    timing = cache.get(what)
+    if timing is not None:
+        stats.cached += 1
+    elif deadline is not None and time.monotonic() > deadline and not cand.is_dense:
+        stats.skipped_budget += 1
+        timing = None
+    else:
+        try:
+            chosen = None if dense else factors.factors(layer, choice)
+            model = one_layer_model(layer, choice, chosen, opset)
+            session = create_session(model, provider, threads, engine_cache)
+            timing = time_session(session, random_inputs(session, {"x": layer.activation_shape}), provider, budget)
+            cache.put(what, timing)
+            stats.timed += 1
+        except Exception as exc:    # one candidate's failure must not end the search
+            stats.failed += 1
+            timing = None
+            if warn:
+                warn(f"timing {cand.layer} {cand.spec} failed: {first_line(exc)}")
+    measured[key] = timing
+    return timing

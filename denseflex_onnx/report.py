@@ -97,13 +97,19 @@ def markdown(report: dict) -> str:
               f"{s['after_dominated']} after dropping Pareto-dominated ones (params, FLOPs, error); "
               f"{s.get('after_timing', '-')} after timing. {s.get('timed', 0)} timed in this run, "
               f"{s.get('cached', 0)} from the cache; {100 * s.get('never_timed_share', 0):.1f}% of the grid never timed.",
-              "", "## Layers", "", "| layer | choice | params | FLOPs | layer error | latency (ms) |",
-              "|---|---|---|---|---|---|"]
+              "", "## Layers", "",
+              "Layer error: the relative output error estimated on the calibration samples; held out: measured "
+              "on the evaluation samples, each layer alone on the original model's inputs (a pruned pair: its "
+              "consumer's output).", "",
+              "| layer | choice | params | FLOPs | layer error | held out | latency (ms) |",
+              "|---|---|---|---|---|---|---|"]
+    held = report.get("held_out_errors") or {}
     for row in report["candidates"]:
         if row["chosen"]:
             lat = "" if row["latency_ms"] is None else f"{row['latency_ms']:.4f}"
+            h = f"{held[row['layer']]:.4f}" if row["layer"] in held and row["method"] != "dense" else ""
             lines.append(f"| {row['layer']} | {row['spec']} | {row['params']} | {row['flops']} | "
-                         f"{row['error'] if row['error'] is not None else ''} | {lat} |")
+                         f"{row['error'] if row['error'] is not None else ''} | {h} | {lat} |")
     special = {n: st for n, st in report.get("statistics", {}).items() if st["kind"] != "full"}
     if special or report.get("kept_dense"):
         lines += ["", "## Statistics and layers kept dense", "",
@@ -112,12 +118,25 @@ def markdown(report: dict) -> str:
         lines += [f"- {n}: {st['kind']} ({st['why']})" for n, st in special.items()]
         lines += [f"- {n}: kept dense before any statistics ({why})" for n, why in report.get("kept_dense", {}).items()]
     if report.get("verifications"):
-        lines += ["", "## End-to-end verifications", "", "| error budget | latency | speedup | metric | missed |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## End-to-end verifications", "",
+                  "Each plan built and measured; the uniform ones are the simplest baselines, verified first, "
+                  "beside the search's." + _correction_line(report.get("error_correction") or {}), "",
+                  "| plan | estimated error (sum) | measured drop | latency | speedup | metric | missed |",
+                  "|---|---|---|---|---|---|---|"]
         for v in report["verifications"]:
-            lines.append(f"| {v['error_budget']:.4g} | {format_seconds(v['latency_s'])} | {v['speedup']:.2f}x | "
+            what = v.get("uniform") or f"search, error budget {v['error_budget']:.4g}"
+            drop = v.get("metric_drop")
+            lines.append(f"| {what} | {v.get('estimated_error', 0):.4g} | {'' if drop is None else f'{drop:.2f}'} | "
+                         f"{format_seconds(v['latency_s'])} | {v['speedup']:.2f}x | "
                          f"{v['metric']:.2f} | {', '.join(v['misses']) or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _correction_line(scale: dict[str, float]) -> str:
+    if not scale:
+        return ""
+    return (" Their measured drops corrected the estimates the search weighed: "
+            + ", ".join(f"{m} errors x{x:.3g}" for m, x in sorted(scale.items())) + " (in factorization's units).")
 
 
 def pareto_png(path: Path, report: dict) -> None:

@@ -9,6 +9,7 @@ is tightened by the measured miss; at most `max_verifications` end-to-end checks
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -16,9 +17,9 @@ from typing import Callable
 import numpy as np
 
 from .constraints import Constraints
-from .space import Candidate, Space
+from .space import NOT_TIMED, TIMING_FAILED, Candidate, Space
 
-MAX_VERIFICATIONS = 6
+MAX_VERIFICATIONS = 4
 ERROR_FLOOR = 1e-3      # the smallest summed error budget tried, per unit of its range
 
 
@@ -71,12 +72,13 @@ class Verified:
 
 @dataclass
 class Step:
-    error_budget: float
+    error_budget: float | None        # None for a uniform baseline plan
     latency_budget: float | None
     choices: dict[str, Candidate] | None
     estimate: Estimate | None
     verified: Verified | None = None
     misses: dict[str, tuple[float, float]] = field(default_factory=dict)   # name -> (reached, limit)
+    label: str | None = None          # a uniform baseline plan: which ("rank 0.5 everywhere")
 
 
 @dataclass
@@ -86,16 +88,15 @@ class SearchResult:
     verified: Verified | None
     misses: dict[str, tuple[float, float]]
     steps: list[Step]
+    method_scale: dict[str, float] = field(default_factory=dict)     # the correction the search used (corrected)
 
 
-def estimate(choices: dict[str, Candidate], dense: dict[str, Candidate], baseline: Baseline,
-             itemsize: dict[str, int], error_scale: dict[str, float] | None = None) -> Estimate:
-    """The model's figures predicted from layer deltas against dense."""
-    scale = error_scale or {}
-    lat = baseline.latency + sum(c.latency - dense[n].latency for n, c in choices.items())
-    mem = baseline.bytes + sum((c.params - dense[n].params) * itemsize[n] for n, c in choices.items())
-    flops = baseline.flops + sum(c.flops - dense[n].flops for n, c in choices.items())
-    return Estimate(lat, mem, flops, sum(c.error * scale.get(n, 1.0) for n, c in choices.items()))
+def estimate(space: Space, choices: dict[str, Candidate], baseline: Baseline, itemsize: dict[str, int]) -> Estimate:
+    """The model's figures predicted from the choices' deltas against dense (Space.delta)."""
+    lat = baseline.latency + sum(space.delta(c, "latency") for c in choices.values())
+    mem = baseline.bytes + sum(space.delta(c, "params") * itemsize[n] for n, c in choices.items())
+    flops = baseline.flops + sum(space.delta(c, "flops") for c in choices.values())
+    return Estimate(lat, mem, flops, sum(space.weighted_error(c) for c in choices.values()))
 
 
 def solve(space: Space, baseline: Baseline, limits: Limits, objective: str, error_budget: float,
@@ -110,10 +111,9 @@ def solve(space: Space, baseline: Baseline, limits: Limits, objective: str, erro
     cands = [(n, c) for n in names for c in space.alive(n)]
     if not cands:
         return {}
-    dense = {n: next(c for c in space.candidates[n] if c.is_dense) for n in names}
-    lat = np.array([c.latency - dense[n].latency for n, c in cands])
-    mem = np.array([(c.params - dense[n].params) * itemsize[n] for n, c in cands], dtype=float)
-    flops = np.array([c.flops - dense[n].flops for n, c in cands], dtype=float)
+    lat = np.array([space.delta(c, "latency") for _, c in cands])
+    mem = np.array([space.delta(c, "params") * itemsize[n] for n, c in cands], dtype=float)
+    flops = np.array([space.delta(c, "flops") for _, c in cands], dtype=float)
     err = np.array([space.weighted_error(c) for _, c in cands])
     params = np.array([c.params for _, c in cands], dtype=float)
 
@@ -137,6 +137,12 @@ def solve(space: Space, baseline: Baseline, limits: Limits, objective: str, erro
     rows.append(err)
     lower.append(-np.inf)
     upper.append(error_budget)
+    for producer, consumer in space.couplings().items():
+        # a pruned pair rewrites its consumer too: then the consumer's own choice must be dense
+        rows.append(np.array([1.0 if (n == producer and c.covers) or (n == consumer and not c.is_dense) else 0.0
+                              for n, c in cands]))
+        lower.append(-np.inf)
+        upper.append(1.0)
     for plan in exclude:        # a no-good cut: not all of this plan's picks at once
         rows.append(np.array([1.0 if plan.get(n) is c else 0.0 for n, c in cands]))
         lower.append(-np.inf)
@@ -148,6 +154,81 @@ def solve(space: Space, baseline: Baseline, limits: Limits, objective: str, erro
         return None
     picked = np.round(result.x).astype(bool)
     return {n: cand for (n, cand), p in zip(cands, picked) if p}
+
+
+# the simplest baselines: one rank fraction in every layer (SVD family), or one keep fraction in
+# every pair (prune); the best of each that the limits allow is verified beside the search's plans
+# one plan per family is verified: the finer the fractions, the nearer it comes to the limit
+UNIFORM_FRACTIONS = tuple(k / 16 for k in range(2, 16))
+UNIFORM_FAMILIES = {"rank": ("svd", "conv_svd"), "keep": ("prune",)}
+
+
+@dataclass(frozen=True)
+class Uniform:
+    label: str                            # e.g. "rank 0.5 everywhere"
+    choices: dict[str, Candidate]
+
+
+def uniform_plans(space: Space, sizes: dict[str, dict[str, int]], baseline: Baseline, limits: Limits,
+                  itemsize: dict[str, int]) -> list[Uniform]:
+    """Per family, the uniform plan nearest the original (the highest fraction) whose estimate
+    meets the latency, memory and FLOPs limits. `sizes`: by layer name, {"rank": its full rank,
+    "keep": the inner channels of the pair it heads}. A layer whose candidate at the fraction was never
+    built (it saves nothing), or that the time budget left untimed, stays dense; latencies are
+    the dense layers' scaled by FLOPs (_by_flops)."""
+    out = []
+    for key, methods in UNIFORM_FAMILIES.items():
+        for fraction in sorted(UNIFORM_FRACTIONS, reverse=True):
+            choices = _uniform(space, sizes, key, methods, fraction)
+            if not choices:
+                continue
+            e = estimate(space, {n: _by_flops(space, c) for n, c in choices.items()}, baseline, itemsize)
+            if all(limit is None or value <= limit for value, limit in
+                   ((e.latency, limits.latency), (e.bytes, limits.bytes), (e.flops, limits.flops))):
+                out.append(Uniform(f"{key} {fraction:g} everywhere", choices))
+                break
+    return out
+
+
+def _uniform(space: Space, sizes: dict[str, dict[str, int]], key: str, methods: tuple,
+             fraction: float) -> dict[str, Candidate]:
+    """Each layer's candidate of these methods whose `key` is nearest fraction x its size (within
+    a sixteenth of the size), pairs taken in name order without sharing a layer; the rest dense."""
+    picked: dict[str, Candidate] = {}
+    taken: set[str] = set()
+    for name in sorted(space.candidates):
+        size = sizes.get(name, {}).get(key)
+        if name in taken or not size or space.dense(name).dropped:       # a forced layer keeps its choice
+            continue
+        target = fraction * size
+        # one the time budget left untimed, or whose timing failed, is not offered: the user asked to stop
+        near = [c for c in space.candidates[name] if c.choice.method in methods and not math.isnan(c.error)
+                and c.dropped not in (NOT_TIMED, TIMING_FAILED) and _saves(space, c)
+                and abs(c.choice.config[key] - target) <= size / 16
+                and not set(c.covers) & (taken | set(picked)) and not any(space.dense(m).dropped for m in c.covers)]
+        if near:
+            best = min(near, key=lambda c: (abs(c.choice.config[key] - target), c.choice.config[key]))
+            picked[name] = best
+            taken |= {name, *best.covers}
+    if not picked:
+        return {}
+    base = {n: space.dense(n) if not space.dense(n).dropped else space.alive(n)[0] for n in space.candidates}
+    return {**base, **picked}
+
+
+def _saves(space: Space, cand: Candidate) -> bool:
+    """Fewer params or FLOPs than the dense layers it replaces (checked here, not read from
+    `dropped`: an exhaustive space keeps what saves nothing, and must pick the same plans)."""
+    return space.delta(cand, "params") < 0 or space.delta(cand, "flops") < 0
+
+
+def _by_flops(space: Space, cand: Candidate) -> Candidate:
+    """The candidate with the dense layers' latency scaled by its FLOPs share. A uniform plan is
+    the simplest baseline: it is picked and ranked without the per-candidate timings, so a pruned
+    and an exhaustively timed space pick the same one (it is measured end to end anyway)."""
+    dense = sum(space.dense(n).latency for n in (cand.layer, *cand.covers))
+    dense_flops = sum(space.dense(n).flops for n in (cand.layer, *cand.covers))
+    return dataclasses.replace(cand, latency=dense * cand.flops / max(dense_flops, 1))
 
 
 def misses(verified: Verified, baseline: Baseline, limits: Limits) -> dict[str, tuple[float, float]]:
@@ -170,41 +251,59 @@ def misses(verified: Verified, baseline: Baseline, limits: Limits) -> dict[str, 
 
 def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, itemsize: dict[str, int],
            verify: Callable[[dict[str, Candidate]], Verified],
-           max_verifications: int = MAX_VERIFICATIONS, on_step=None) -> SearchResult:
-    """Bisect the summed layer-error budget, geometrically, over a range that depends only on
-    the number of layers (relative errors above 1 are useless): the same budgets are tried
-    whatever the pruning kept, so a pruned and an exhaustive space give the same plan."""
+           max_verifications: int = MAX_VERIFICATIONS, on_step=None, uniform: list[Uniform] = ()) -> SearchResult:
+    """Search the summed layer-error budget over a range that depends only on the number of
+    layers (relative errors above 1 are useless), each next budget aimed by the last measured
+    drop (_aimed) inside the bracket the measurements leave, so it converges like a bisection.
+
+    The `uniform` plans (uniform_plans) are verified first, beyond `max_verifications`: each
+    family's measured drop against its estimate corrects how the MILP weighs pruning against
+    factorization (corrected), and aims the first budget. They win where they meet every limit
+    with a better objective: the result never loses to them."""
     names = sorted(space.candidates)
-    dense = {n: next(c for c in space.candidates[n] if c.is_dense) for n in names}
     hi = float(max(len(names), 1))
     lo = ERROR_FLOOR * hi
-    budget = _between(lo, hi)
-    latency_budget = limits.latency
     steps: list[Step] = []
-    best: Step | None = None
     seen: dict[tuple, Step] = {}
-    attempts = 0
-    while len(steps) < max_verifications and attempts < 4 * max_verifications and hi / lo > 1.02:
+    best: Step | None = None
+
+    def verified(step: Step) -> Step:
+        nonlocal best
+        key = tuple(sorted((n, c.spec) for n, c in step.choices.items()))
+        if key in seen:
+            step.verified, step.misses = seen[key].verified, seen[key].misses
+            return step
+        step.verified = verify(step.choices)
+        step.misses = misses(step.verified, baseline, limits)
+        seen[key] = step
+        steps.append(step)
+        if on_step:
+            on_step(step)
+        if not step.misses and (best is None or _objective(step, objective) < _objective(best, objective)):
+            best = step
+        return step
+
+    for plan in uniform:
+        timed = {n: _by_flops(space, c) for n, c in plan.choices.items()}
+        verified(Step(None, None, plan.choices, estimate(space, timed, baseline, itemsize), label=plan.label))
+    space = corrected(space, steps, baseline)
+    for step in steps:                  # in the corrected units the search goes on in
+        step.estimate = estimate(space, {n: _by_flops(space, c) for n, c in step.choices.items()}, baseline, itemsize)
+    aims = [s for s in steps if s.estimate.error > 0]
+    budget = _aimed(aims[0], baseline, limits, lo, hi) if aims else _between(lo, hi)
+    latency_budget = limits.latency
+    searched = attempts = 0
+    while searched < max_verifications and attempts < 4 * max_verifications and hi / lo > 1.02:
         attempts += 1
         choices = solve(space, baseline, limits, objective, budget, itemsize, latency_budget)
         if choices is None:           # too tight an error budget (or limits no plan meets)
             lo = budget
             budget = _between(lo, hi)
             continue
-        key = tuple(sorted((n, c.spec) for n, c in choices.items()))
-        step = Step(budget, latency_budget, choices, estimate(choices, dense, baseline, itemsize, space.error_scale))
-        if key in seen:
-            step.verified, step.misses = seen[key].verified, seen[key].misses
-        else:
-            step.verified = verify(choices)
-            step.misses = misses(step.verified, baseline, limits)
-            seen[key] = step
-            steps.append(step)
-            if on_step:
-                on_step(step)
+        before = len(steps)
+        step = verified(Step(budget, latency_budget, choices, estimate(space, choices, baseline, itemsize)))
+        searched += len(steps) - before
         if not step.misses:
-            if best is None or _objective(step, objective) < _objective(best, objective):
-                best = step
             lo = budget
         elif "accuracy drop" in step.misses:
             hi = budget
@@ -215,13 +314,14 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
             continue
         else:
             break                          # memory/FLOPs are exact: nothing to tighten
-        budget = _between(lo, hi)
+        budget = _aimed(step, baseline, limits, lo, hi)
     if best is not None:
-        return SearchResult(True, best.choices, best.verified, {}, steps)
-    # nothing met every limit: the verified plan that missed least
+        return SearchResult(True, best.choices, best.verified, {}, steps, space.method_scale)
+    # nothing met every limit: the verified plan that missed least, among those that keep the
+    # accuracy if any does (a faster model that lost its accuracy is no one's closest plan)
     if steps:
-        nearest = min(steps, key=lambda s: _miss_score(s.misses))
-        return SearchResult(False, nearest.choices, nearest.verified, nearest.misses, steps)
+        nearest = min(steps, key=lambda s: ("accuracy drop" in s.misses, _miss_score(s.misses)))
+        return SearchResult(False, nearest.choices, nearest.verified, nearest.misses, steps, space.method_scale)
     # no plan even fits the estimates: the closest is the one that gets nearest the limits no plan
     # meets while keeping the accuracy limit, i.e. the same search with those limits as objective
     near = "latency" if limits.latency is not None else "memory" if limits.bytes is not None else "flops"
@@ -238,6 +338,38 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
     missed = misses(relaxed.verified, baseline, limits) if relaxed.verified else {}
     return SearchResult(False, relaxed.choices, relaxed.verified, missed or {"constraints": (1.0, 0.0)},
                         relaxed.steps)
+
+
+AIM = 0.9               # of --max-accuracy-drop: where the next budget is aimed, a little inside
+CORRECTION_RANGE = (0.1, 10.0)      # a measured correction outside it is an outlier, clipped
+
+
+def corrected(space: Space, steps: list[Step], baseline: Baseline) -> Space:
+    """The space with pruning's errors rescaled by what the verified uniform plans measured: a unit
+    of estimated error costs `drop / error` metric points, per family; the ratio keep / rank is
+    prune's method_scale. Unchanged where either family has no measured drop."""
+    cost = {}
+    for step in steps:
+        drop = baseline.metric - step.verified.metric
+        if step.label and step.estimate.error > 0 and drop > 0:
+            cost[step.label.split()[0]] = drop / step.estimate.error
+    if "rank" not in cost or "keep" not in cost:
+        return space
+    ratio = min(max(cost["keep"] / cost["rank"], CORRECTION_RANGE[0]), CORRECTION_RANGE[1])
+    return dataclasses.replace(space, method_scale={**space.method_scale, "prune": ratio})
+
+
+def _aimed(step: Step, baseline: Baseline, limits: Limits, lo: float, hi: float) -> float:
+    """The next error budget: the measured plan's estimated error, scaled by how far its drop is
+    from AIM x the limit, kept a tenth of the bracket (in log) away from either end so that every
+    step shrinks it. Geometric bisection where the drop says nothing (none, or none estimated)."""
+    drop = baseline.metric - step.verified.metric
+    error = step.estimate.error
+    if drop <= 0 or error <= 0 or limits.accuracy_drop <= 0:
+        return _between(lo, hi)
+    a, b = math.log(lo), math.log(hi)
+    x = math.log(error * AIM * limits.accuracy_drop / drop)
+    return math.exp(min(max(x, a + 0.1 * (b - a)), b - 0.1 * (b - a)))
 
 
 def _between(lo: float, hi: float) -> float:

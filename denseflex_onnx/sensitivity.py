@@ -29,7 +29,7 @@ TARGET_ERRORS = (0.03, 0.1, 0.3)   # where metric drops are measurable and plans
 
 def probes(space: Space, name: str) -> list[Candidate]:
     """The layer's candidates nearest (in log scale) to each target error, without repeats."""
-    cands = [c for c in space.alive(name) if not c.is_dense and c.error > 0]
+    cands = [c for c in space.alive(name) if not c.is_dense and not c.covers and c.error > 0]
     picked: list[Candidate] = []
     for target in TARGET_ERRORS:
         if cands:

@@ -43,6 +43,11 @@ class Candidate:
     latency: float | None = None      # median seconds of the one-layer model
     p90: float | None = None
     dropped: str | None = None        # the pruning stage that removed it, if any
+    # a pair candidate (prune) also replaces these layers (its consumer), which then stay dense;
+    # its params, FLOPs and latency are the whole pair's, `between_params` the per-channel
+    # constants between the layers that the dense pair holds besides the two weights
+    covers: tuple[str, ...] = ()
+    between_params: int = 0
 
     @property
     def spec(self) -> str:
@@ -59,16 +64,49 @@ class Space:
     stage_counts: dict[str, int] = field(default_factory=dict)
     # how much a unit of this layer's error costs end to end, relative to the others (--sensitivity)
     error_scale: dict[str, float] = field(default_factory=dict)
+    # the same by method, corrected from measured plans (search.corrected): prune vs factorization
+    method_scale: dict[str, float] = field(default_factory=dict)
 
     def weighted_error(self, cand: Candidate) -> float:
-        """The layer error the solver adds up."""
-        return cand.error * self.error_scale.get(cand.layer, 1.0)
+        """The layer error the solver adds up (a pair's is measured at its consumer's output)."""
+        return (cand.error * self.error_scale.get(cand.covers[-1] if cand.covers else cand.layer, 1.0)
+                * self.method_scale.get(cand.choice.method, 1.0))
+
+    def dense(self, layer: str) -> Candidate:
+        return next(c for c in self.candidates[layer] if c.is_dense)
+
+    def delta(self, cand: Candidate, key: str) -> float:
+        """What choosing `cand` changes in the model's `key` (latency, params, flops): its value
+        less the dense layers it replaces."""
+        replaced = sum(getattr(self.dense(name), key) for name in (cand.layer, *cand.covers))
+        extra = cand.between_params if key == "params" else 0
+        return getattr(cand, key) - replaced - extra
+
+    def couplings(self) -> dict[str, str]:
+        """Producer -> consumer of every pair with a live candidate: when the pair is pruned,
+        its consumer must stay dense (the MILP's coupling rows)."""
+        return {c.layer: c.covers[0] for cands in self.candidates.values() for c in cands
+                if c.covers and c.dropped is None}
 
     def alive(self, layer: str) -> list[Candidate]:
         return [c for c in self.candidates[layer] if c.dropped is None]
 
     def all(self) -> list[Candidate]:
         return [c for cands in self.candidates.values() for c in cands]
+
+
+def pair_grid(pair) -> list[Candidate]:
+    """A layer pair's candidates, each keeping some of its inner channels (passes/prune.py)."""
+    module = PASSES["prune"]
+    if module.applies(pair) is not None:
+        return []
+    return [pair_candidate(pair, Choice("prune", config, consumer=pair.consumer.name))
+            for config in module.candidates(pair)]
+
+
+def pair_candidate(pair, choice: Choice) -> Candidate:
+    return Candidate(pair.name, choice, *PASSES[choice.method].cost(pair, choice.config),
+                     covers=(pair.consumer.name,), between_params=sum(c.value.size for c in pair.sliced))
 
 
 def grid(layer: Layer, methods: list[str] | None = None) -> list[Candidate]:
@@ -123,6 +161,7 @@ class Factors:
         self._decompositions: dict[tuple[str, str], object] = {}
         self._references: dict[str, float] = {}
         self._fit_stats: dict[str, object] = {}
+        self._pairs: dict[tuple[str, str], list] = {}       # (producer, spec) -> prune factors
 
     def fit_stats(self, layer: Layer):
         """The statistics the passes fit to: centered where the bias is corrected, and shrunk
@@ -158,6 +197,8 @@ class Factors:
             del self._decompositions[key]
         self._references.pop(layer.name, None)
         self._fit_stats.pop(layer.name, None)
+        for key in [k for k in self._pairs if k[0] == layer.name]:
+            del self._pairs[key]
 
     def rewrite_inputs(self, layer: Layer, choice: Choice) -> tuple[Layer, list[np.ndarray]]:
         """The factors, and the layer as its rewrite should see it.
@@ -174,6 +215,29 @@ class Factors:
         shift = stats.mean @ as_matrix(layer, layer.weight.astype(np.float64) - approx)
         bias = shift if layer.bias is None else layer.bias.astype(np.float64) + shift
         return dataclasses.replace(layer, bias=bias.astype(layer.dtype)), factors
+
+    def pair_stats(self, pair):
+        """The statistics a pruned pair's consumer is refitted on: none for a plain plan, which
+        stays reproducible without data (the rows are sliced as they are)."""
+        return None if self.mode == "plain" else self.stats.get(pair.consumer.name)
+
+    def pair_factors(self, pair, choice: Choice) -> list:
+        key = (pair.name, choice.spec)
+        if key not in self._pairs:
+            self._pairs[key] = PASSES[choice.method].factorize(pair, choice.config, self.pair_stats(pair))
+        return self._pairs[key]
+
+    def pair_error(self, pair, choice: Choice) -> float:
+        """The consumer's relative output error once the pair is pruned and refitted, on the
+        consumer's statistics as fit_stats gives them: on one scale with its other candidates."""
+        from .passes import prune
+        kept, _, _, w2, _ = self.pair_factors(pair, choice)
+        diff = prune.consumer_matrix(pair)
+        diff[prune.rows_of(kept, prune.block(pair))] -= prune.consumer_matrix_of(pair, w2)
+        consumer = self.layers[pair.consumer.name]
+        reference = self._reference(consumer)
+        return float(np.sqrt(max(output_energy(diff, self.fit_stats(consumer)), 0.0)) / reference) \
+            if reference > 0 else 0.0
 
     def error(self, layer: Layer, choice: Choice, max_rank: int | None = None) -> float:
         """Relative output error ||X W - X W'|| / ||X W||, X^T X as fit_stats expects it (X centered
@@ -197,6 +261,27 @@ class Factors:
         return self._references[layer.name]
 
 
+def change_of(factors: Factors, cand: Candidate, layers: dict, pairs) -> tuple[Layer, np.ndarray]:
+    """The layer whose output a candidate changes (a pair's consumer) and by how much, as the
+    matrix D with output change x @ D, from the factors `factors` fits."""
+    from .passes import prune
+    if cand.covers:
+        pair = pairs.pair(cand.layer)
+        kept, _, _, w2, _ = factors.pair_factors(pair, cand.choice)
+        diff = prune.consumer_matrix(pair)
+        diff[prune.rows_of(kept, prune.block(pair))] -= prune.consumer_matrix_of(pair, w2)
+        return pair.consumer, diff
+    layer = layers[cand.layer]
+    approx = PASSES[cand.choice.method].reconstruct(layer, factors.factors(layer, cand.choice))
+    return layer, as_matrix(layer, layer.weight.astype(np.float64) - approx)
+
+
+def relative_output_error(layer: Layer, diff: np.ndarray, stats) -> float:
+    """||X D|| / ||X W|| on these statistics."""
+    reference = output_energy(as_matrix(layer, layer.weight.astype(np.float64)), stats)
+    return float(np.sqrt(max(output_energy(diff, stats), 0.0) / reference)) if reference > 0 else 0.0
+
+
 def output_energy(m: np.ndarray, stats) -> float:
     """||X M||^2 = tr(M^T X^T X M), from the statistics alone (any X^T X they keep)."""
     return float(np.sum(m * m)) if stats is None else float(np.sum(m * (stats.gram @ m)))
@@ -216,70 +301,98 @@ def as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
 
 def build(layers: list[Layer], factors: Factors, methods: list[str] | None = None,
           forced: dict[str, Choice] | None = None, on_layer=None, prune: bool = True,
-          kept_dense: dict[str, str] | None = None) -> Space:
+          kept_dense: dict[str, str] | None = None, pairs: list | None = None) -> Space:
     """Grid, stage 1, layer errors, stage 2. Forced layers (`--layer`, `--exclude`) get one candidate;
     `kept_dense` layers (cannot_pay_off) their whole grid, dropped unscored with the reason.
+    `pairs` (pairs.Pair, none of whose layers is forced) add their prune candidates to their
+    producer's list: a pair is one choice, whether or not its layers could pay off alone.
 
     `prune=False` keeps the whole grid (every candidate gets timed): the exhaustive
     reference the pruned search is checked against.
     """
     forced = forced or {}
     kept_dense = kept_dense or {}
+    by_producer = {p.name: p for p in pairs or []}
     space = Space({})
-    full = after1 = after2 = 0
+    counts = {"grid": 0, "after_saves_nothing": 0, "after_dominated": 0}
     for layer in layers:
         if layer.name in forced:
-            dense = Candidate(layer.name, DENSE, layer.params, layer.flops, error=0.0)
-            choice = forced[layer.name]
-            if choice.method == "dense":
-                space.candidates[layer.name] = [dense]
-            else:       # the dense candidate stays as the reference the layer's deltas start from
-                dense.dropped = FORCED
-                cand = Candidate(layer.name, choice, *_cost(layer, choice))
-                cand.error = factors.error(layer, choice)
-                space.candidates[layer.name] = [dense, cand]
-            full, after1, after2 = full + 1, after1 + 1, after2 + 1
-            if on_layer:
-                on_layer(layer)
-            continue
-        cands = grid(layer, methods)
-        full += len(cands)
-        if layer.name in kept_dense:
-            for c in cands[1:]:
-                c.dropped = f"{CANNOT_PAY_OFF} ({kept_dense[layer.name]})"
-            after1, after2 = after1 + 1, after2 + 1
+            space.candidates[layer.name] = _forced_candidates(layer, forced[layer.name], factors,
+                                                              by_producer.get(layer.name))
+            for key in counts:
+                counts[key] += 1
+        else:
+            cands = grid(layer, methods)
+            counts["grid"] += len(cands)
+            if layer.name in kept_dense:
+                for c in cands[1:]:
+                    c.dropped = f"{CANNOT_PAY_OFF} ({kept_dense[layer.name]})"
+            else:
+                _score(layer.name, cands, lambda c, ranks: factors.error(layer, c.choice, ranks.get(c.choice.method)),
+                       (layer.params, layer.flops), prune, counts)
+                factors.release(layer)
+            counts["after_saves_nothing"] += 1 if layer.name in kept_dense else 0
+            counts["after_dominated"] += 1 if layer.name in kept_dense else 0
             space.candidates[layer.name] = cands
-            if on_layer:
-                on_layer(layer)
-            continue
-        for c in cands[1:]:
-            if prune and c.params >= layer.params and c.flops >= layer.flops:
-                c.dropped = SAVES_NOTHING
-        alive = [c for c in cands if c.dropped is None]
-        after1 += len(alive)
-        max_ranks = _max_ranks(alive)
-        try:
-            with about_layer(layer.name):
-                for c in alive:
-                    if not c.is_dense:
-                        c.error = factors.error(layer, c.choice, max_ranks.get(c.choice.method))
-        except (MemoryError, np.linalg.LinAlgError) as exc:    # this layer's weights or data: not the run
-            log.warning("%s: its candidates could not be scored (%s: %s); kept dense (--exclude %s "
-                        "skips it; --memory-budget if memory ran out)", layer.name, type(exc).__name__,
-                        first_line(exc), layer.name)
-            for c in alive:
-                if not c.is_dense:
-                    c.dropped = f"{SCORING_FAILED}: {type(exc).__name__}"
-            alive = [c for c in alive if c.is_dense]
-        factors.release(layer)
-        for c in dominated(alive, ("params", "flops", "error")) if prune else []:
-            c.dropped = DOMINATED
-        after2 += sum(c.dropped is None for c in cands)
-        space.candidates[layer.name] = cands
         if on_layer:
             on_layer(layer)
-    space.stage_counts = {"grid": full, "after_saves_nothing": after1, "after_dominated": after2}
+    for pair in by_producer.values():
+        if pair.name in forced or pair.consumer.name in forced:
+            continue
+        cands = pair_grid(pair)
+        counts["grid"] += len(cands)
+        _score(pair.name, cands, lambda c, _: factors.pair_error(pair, c.choice), (pair.params, pair.flops),
+               prune, counts)
+        factors.release(pair.producer)
+        space.candidates[pair.name].extend(cands)
+    space.stage_counts = counts
     return space
+
+
+def _forced_candidates(layer: Layer, choice: Choice, factors: Factors, pair) -> list[Candidate]:
+    """The dense reference (dropped unless dense is what is forced) and the forced choice."""
+    dense = Candidate(layer.name, DENSE, layer.params, layer.flops, error=0.0)
+    if choice.method == "dense":
+        return [dense]
+    dense.dropped = FORCED
+    if choice.consumer:
+        cand = pair_candidate(pair, choice)
+        cand.error = factors.pair_error(pair, choice)
+    else:
+        cand = Candidate(layer.name, choice, *_cost(layer, choice))
+        cand.error = factors.error(layer, choice)
+    return [dense, cand]
+
+
+def _score(name: str, cands: list[Candidate], error_of, dense_cost: tuple[int, int], prune: bool,
+           counts: dict) -> None:
+    """Stage 1 (saves nothing), the errors of what is left, stage 2 (dominated) on one list:
+    a layer's grid (dense first) or a pair's candidates (compared among themselves).
+    `error_of(candidate, max_ranks)`: max_ranks is the highest rank each SVD-family method
+    needs here, so one partial decomposition serves them all."""
+    params, flops = dense_cost
+    for c in cands:
+        if not c.is_dense and prune and c.params >= params and c.flops >= flops:
+            c.dropped = SAVES_NOTHING
+    alive = [c for c in cands if c.dropped is None]
+    counts["after_saves_nothing"] += len(alive)
+    ranks = _max_ranks(alive)
+    try:
+        with about_layer(name):
+            for c in alive:
+                if not c.is_dense:
+                    c.error = error_of(c, ranks)
+    except (MemoryError, np.linalg.LinAlgError) as exc:    # this layer's weights or data: not the run
+        log.warning("%s: its candidates could not be scored (%s: %s); kept dense (--exclude %s "
+                    "skips it; --memory-budget if memory ran out)", name, type(exc).__name__,
+                    first_line(exc), name)
+        for c in alive:
+            if not c.is_dense:
+                c.dropped = f"{SCORING_FAILED}: {type(exc).__name__}"
+        alive = [c for c in alive if c.is_dense]
+    for c in dominated(alive, ("params", "flops", "error")) if prune else []:
+        c.dropped = DOMINATED
+    counts["after_dominated"] += sum(c.dropped is None for c in cands)
 
 
 def _cost(layer: Layer, choice: Choice) -> tuple[int, int]:
@@ -295,6 +408,15 @@ def _max_ranks(cands: list[Candidate]) -> dict[str, int]:
         if "rank" in c.choice.config:
             out[c.choice.method] = max(out.get(c.choice.method, 0), c.choice.config["rank"])
     return out
+
+
+def dominated_by_group(cands: list[Candidate], keys: tuple[str, ...]) -> list[Candidate]:
+    """`dominated` within each group that shares a reference: a layer's own candidates (with
+    dense), and each pair's candidates among themselves (their figures span two layers)."""
+    groups: dict[tuple, list[Candidate]] = {}
+    for c in cands:
+        groups.setdefault(c.covers, []).append(c)
+    return [c for group in groups.values() for c in dominated(group, keys)]
 
 
 def dominated(cands: list[Candidate], keys: tuple[str, ...]) -> list[Candidate]:

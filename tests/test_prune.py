@@ -371,8 +371,10 @@ def test_plan_round_trip(ffn_files, tmp_path):
     layers = {l.name: l for l in found_layers.layers}
     again = read_plan(plan_path, layers, found)
     assert again.layers == plan.layers and again.to_json() == plan.to_json()
-    # --plan and --layer give the same model, plain and refitted
-    for extra in ({}, {"data": data, "calib_samples": 200}):
+    # --plan and --layer give the same model, plain and refitted (a whitened plan, with data)
+    for mode, extra in (("plain", {}), ("whitened", {"data": data, "calib_samples": 200})):
+        plan.factorization = mode
+        plan_path.write_text(json.dumps(plan.to_json()))
         a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
         api.apply(path, a, plan_path=plan_path, input_shapes={"X": (1, 6, 16)}, force=True, **extra)
         api.apply(path, b, layer_specs=["up=prune:20"], input_shapes={"X": (1, 6, 16)}, force=True, **extra)
@@ -395,8 +397,8 @@ def test_bad_prune_specs_are_one_line_user_errors(tmp_path):
         done = cli("apply", path, "--layer", spec, "--input-shape", "X:1x20", "-o", tmp_path / "o.onnx")
         assert done.returncode == 2, (spec, done.stderr)
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    for specs, message in [(["fc0=prune:16", "fc1=svd:4"], "in the pruned pair fc0 -> fc1"),
-                           (["fc0=prune:16", "fc1=prune:12"], "in two pruned pairs")]:
+    for specs, message in [(["fc0=prune:16", "fc1=svd:4"], "rewrites fc1 too .* cannot also take svd:4"),
+                           (["fc0=prune:16", "fc1=prune:12"], "rewrites fc1 too .* cannot also take prune:12")]:
         with pytest.raises(UserError, match=message):
             api.apply(path, tmp_path / "o.onnx", layer_specs=specs, input_shapes={"X": (1, 20)})
 
@@ -452,3 +454,60 @@ def test_rewrite_is_valid_in_the_models_opset(tmp_path, case, opset):
         y = run(new, feed)[0]
         if keep == pair.channels:
             np.testing.assert_allclose(y, run(m, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ in the search
+
+def test_optimize_searches_pairs_with_the_consumers_output_error(ffn_files, tmp_path):
+    """Pair candidates join the producer's list; each one's error is the consumer's output error
+    after the refit, recomputed here with numpy least squares on the calibration activations."""
+    m, path, data = ffn_files
+    from denseflex_onnx.profile import Budget
+    out = tmp_path / "out.onnx"
+    result = api.optimize(path, out, flops="-30%", max_accuracy_drop=5, data=data, calib_samples=200,
+                          input_shapes={"X": (1, 6, 16)},
+                          cache_dir=tmp_path / "c", timing=Budget(warmup=1, min_runs=3, max_runs=20, max_seconds=0.05))
+    rows = [r for r in result.report["candidates"] if r["method"] == "prune"]
+    assert rows and all(r["layer"] == "up" for r in rows)
+    timed = [r for r in rows if r["dropped"] is None]
+    assert timed and all(r["latency_ms"] > 0 for r in timed)
+    # the consumer's inputs and outputs on the 200 calibration samples, by onnxruntime
+    with np.load(data) as npz:
+        x, npz_rest = npz["X"][:200], npz["X"][200:]
+    h = tapped(m, x, "a2").reshape(-1, 40)
+    w2 = numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == "W2")).astype(np.float64)
+    y = h @ w2
+    yc = y - y.mean(axis=0)
+    loaded, _, found = discover(m, tmp_path, {"X": (1, 6, 16)})
+    pair = found.pair("up")
+    stats = statistics(loaded, pair.consumer, x)
+    for row in rows:
+        keep = int(row["spec"].split(":")[1])
+        kept = prune.factorize(pair, {"keep": keep}, stats)[0]
+        hk = np.hstack([h[:, kept], np.ones((len(h), 1))])
+        coef = np.linalg.lstsq(hk, y, rcond=None)[0]
+        # the estimate is on the covariance shrunk toward isotropic as if d isotropic rows were
+        # added (calibrate.LayerStats.expected), its error tr(D^T S D) / tr(M^T S M)
+        diff = w2.copy()
+        diff[kept] -= coef[:-1]
+        hc = h - h.mean(axis=0)
+        weight = 40 / (40 + len(h))
+        s = (1 - weight) * hc.T @ hc + weight * np.trace(hc.T @ hc) / 40 * np.eye(40)
+        measured = np.sqrt(np.sum(diff * (s @ diff)) / np.sum(w2 * (s @ w2)))
+        assert row["error"] == pytest.approx(measured, rel=0.02, abs=1e-4), row
+        # and it tracks, conservatively, the output error on the held-out samples
+        ho = tapped(m, npz_rest, "a2").reshape(-1, 40)
+        yo = ho @ w2
+        held_out = np.linalg.norm(yo - np.hstack([ho[:, kept], np.ones((len(ho), 1))]) @ coef) / \
+            np.linalg.norm(yo - yo.mean(axis=0))
+        assert 0.9 * held_out <= row["error"] <= 1.5 * held_out, (row, held_out)
+    # a pruned pair leaves its consumer to the pair: not in the plan, and apply --plan gives the model again
+    assert result.feasible
+    plan = json.loads((tmp_path / "out.plan.json").read_text())
+    assert plan["layers"]["up"]["method"] == "prune"       # only pruning reaches -30% FLOPs in 5 points here
+    assert plan["layers"]["up"]["consumer"] == "down" and "down" not in plan["layers"]
+    again = tmp_path / "again.onnx"
+    api.apply(path, again, plan_path=tmp_path / "out.plan.json", data=data, calib_samples=200,
+              input_shapes={"X": (1, 6, 16)})
+    feed = {"X": inputs(m, 4)}
+    np.testing.assert_array_equal(run(onnx.load(str(out)), feed)[0], run(onnx.load(str(again)), feed)[0])

@@ -32,7 +32,7 @@ def brute_force(space, baseline, limits, objective, error_budget, itemsize):
     best, best_value = None, math.inf
     for combo in itertools.product(*(space.candidates[n] for n in names)):
         choices = dict(zip(names, combo))
-        e = estimate(choices, dense, baseline, itemsize)
+        e = estimate(space, choices, baseline, itemsize)
         if limits.latency is not None and e.latency > limits.latency + 1e-12:
             continue
         if limits.bytes is not None and e.bytes > limits.bytes + 1e-9:
@@ -65,7 +65,7 @@ def test_milp_matches_brute_force(seed, objective):
         assert got is None
         return
     assert got is not None
-    e = estimate(got, dense, baseline, itemsize)
+    e = estimate(space, got, baseline, itemsize)
     value = {"latency": e.latency, "memory": e.bytes, "flops": e.flops, "accuracy": e.error}[objective]
     assert value == pytest.approx(expected_value, rel=1e-9, abs=1e-9)
     assert e.error <= budget + 1e-9
@@ -86,7 +86,7 @@ def ranked_plans(space, baseline, limits, objective, error_budget, itemsize):
     feasible = []
     for combo in itertools.product(*(space.candidates[n] for n in names)):
         choices = dict(zip(names, combo))
-        e = estimate(choices, dense, baseline, itemsize)
+        e = estimate(space, choices, baseline, itemsize)
         if ((limits.latency is None or e.latency <= limits.latency + 1e-12)
                 and (limits.bytes is None or e.bytes <= limits.bytes + 1e-9)
                 and (limits.flops is None or e.flops <= limits.flops + 1e-9)
@@ -122,7 +122,7 @@ def test_exclude_gives_a_different_plan(seed):
         assert got is not None
         assert set(got) == set(space.candidates)
         assert not any(_same_plan(got, plan) for plan in excluded), f"solve {k + 1} returned an excluded plan"
-        e = estimate(got, dense, baseline, itemsize)
+        e = estimate(space, got, baseline, itemsize)
         assert e.latency <= limits.latency + 1e-9 and e.bytes <= limits.bytes + 1e-9
         assert e.flops <= limits.flops + 1e-9 and e.error <= budget + 1e-9
         left = [(v, plan) for v, plan in ranked if not any(_same_plan(plan, x) for x in excluded)]
@@ -130,7 +130,7 @@ def test_exclude_gives_a_different_plan(seed):
         assert any(_same_plan(got, plan) for _, plan in left)
         excluded.append(got)
     # the three values are the three best, in order (strictly worse each time, up to ties)
-    values = [estimate(p, dense, baseline, itemsize).latency for p in excluded]
+    values = [estimate(space, p, baseline, itemsize).latency for p in excluded]
     assert values == pytest.approx([v for v, _ in ranked[:3]], rel=1e-9, abs=1e-9)
     assert values[0] <= values[1] <= values[2]
     # excluding every feasible plan leaves nothing
@@ -166,7 +166,7 @@ def test_choose_bisects_the_error_budget_until_accuracy_holds():
     calls = []
 
     def verify(choices):
-        e = estimate(choices, dense, baseline, itemsize)
+        e = estimate(space, choices, baseline, itemsize)
         calls.append(e)
         return Verified(e.latency, baseline.latency, baseline.metric - 4.0 * e.error, e.bytes, e.flops)
 
@@ -188,7 +188,7 @@ def test_choose_reports_infeasible_with_the_nearest_plan():
     limits = Limits(latency=0.5, bytes=None, flops=None, accuracy_drop=1.0)
 
     def verify(choices):
-        e = estimate(choices, dense, baseline, itemsize)
+        e = estimate(space, choices, baseline, itemsize)
         return Verified(e.latency, baseline.latency, baseline.metric, e.bytes, e.flops)
 
     result = choose(space, baseline, limits, "latency", itemsize, verify)
@@ -206,12 +206,12 @@ def estimates_rule_everything_out(error_cost: float):
     baseline = Baseline(10.0, 100_000, 200_000, 90.0)
     itemsize = {n: 4 for n in space.candidates}
     dense = {n: c[0] for n, c in space.candidates.items()}
-    fastest = min(estimate(dict(zip(sorted(space.candidates), combo)), dense, baseline, itemsize).latency
+    fastest = min(estimate(space, dict(zip(sorted(space.candidates), combo)), baseline, itemsize).latency
                   for combo in itertools.product(*(space.candidates[n] for n in sorted(space.candidates))))
     limits = Limits(latency=0.9 * fastest, bytes=None, flops=None, accuracy_drop=1.0)
 
     def verify(choices):
-        e = estimate(choices, dense, baseline, itemsize)
+        e = estimate(space, choices, baseline, itemsize)
         return Verified(0.5 * e.latency, baseline.latency, baseline.metric - error_cost * e.error, e.bytes, e.flops)
 
     return space, baseline, itemsize, limits, verify
@@ -239,3 +239,143 @@ def test_when_the_estimates_rule_everything_out_the_measured_plans_are_judged_by
     assert len({s.verified.bytes for s in met}) >= 2          # a real choice among measured plans
     assert result.feasible
     assert result.verified.bytes == min(s.verified.bytes for s in met)
+
+
+def pair_space(rng):
+    """Four layers l0..l3, pairs l0 -> l1 and l1 -> l2 (l1 is in both), with random figures."""
+    space = random_space(rng, layers=4, per_layer=3)
+    for producer, consumer, between in (("l0", "l1", 64), ("l1", "l2", 0)):
+        p, c = space.dense(producer), space.dense(consumer)
+        for keep in (8, 16, 24):
+            share = float(rng.uniform(0.2, 0.9))
+            space.candidates[producer].append(Candidate(
+                producer, Choice("prune", {"keep": keep}, consumer), int(share * (p.params + c.params)) + between // 2,
+                int(share * (p.flops + c.flops)), error=float(rng.uniform(0.01, 0.5)),
+                latency=float(rng.uniform(0.3, 1.1)) * (p.latency + c.latency), covers=(consumer,),
+                between_params=between))
+    return space
+
+
+def pair_brute_force(space, baseline, limits, error_budget):
+    """Every assignment, a pruned pair's consumer required dense and counted inside the pair's
+    figures; the model's latency and bytes summed from what each layer holds."""
+    names = sorted(space.candidates)
+    dense_latency = sum(space.dense(n).latency for n in names)
+    between_all = sum({c.layer: c.between_params for n in names for c in space.candidates[n] if c.covers}.values())
+    dense_params = sum(space.dense(n).params for n in names) + between_all
+    best, best_latency = None, math.inf
+    for combo in itertools.product(*(space.candidates[n] for n in names)):
+        choices = dict(zip(names, combo))
+        covered = {c.covers[0] for c in combo if c.covers}
+        if any(not choices[n].is_dense for n in covered):
+            continue
+        held = [c for n, c in choices.items() if n not in covered]
+        latency = baseline.latency - dense_latency + sum(c.latency for c in held)
+        between_kept = between_all - sum(c.between_params for c in held if c.covers)
+        params = sum(c.params for c in held) + between_kept
+        model_bytes = baseline.bytes + 4 * (params - dense_params)
+        error = sum(c.error for c in combo)
+        if model_bytes > limits.bytes + 1e-9 or error > error_budget + 1e-12:
+            continue
+        if latency < best_latency - 1e-12:
+            best, best_latency = choices, latency
+    return best, best_latency
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_pruned_pair_is_one_choice_and_its_consumer_stays_dense(seed):
+    rng = np.random.default_rng(100 + seed)
+    space = pair_space(rng)
+    itemsize = {n: 4 for n in space.candidates}
+    total = sum(space.dense(n).params for n in space.candidates) + 64
+    baseline = Baseline(latency=10.0, bytes=4 * total + 1000, flops=10**6, metric=90.0)
+    limits = Limits(latency=None, bytes=baseline.bytes * float(rng.uniform(0.5, 0.95)), flops=None, accuracy_drop=1.0)
+    budget = float(rng.uniform(0.2, 1.2))
+    expected, expected_latency = pair_brute_force(space, baseline, limits, budget)
+    got = solve(space, baseline, limits, "latency", budget, itemsize)
+    if expected is None:
+        assert got is None
+        return
+    covered = {c.covers[0] for c in got.values() if c.covers}
+    assert all(got[n].is_dense for n in covered)
+    assert estimate(space, got, baseline, itemsize).latency == pytest.approx(expected_latency, rel=1e-9)
+
+
+def family_space(rng):
+    """Four layers of full rank 16, every SVD rank 1..15; pairs l0 -> l1 and l2 -> l3 of 32 inner
+    channels, every even keep. FLOPs and latency in proportion to rank (x1.5) and keep."""
+    space = Space({})
+    for i in range(4):
+        name, flops = f"l{i}", int(rng.integers(10_000, 50_000))
+        space.candidates[name] = [Candidate(name, DENSE, flops // 10, flops, error=0.0, latency=flops * 1e-6)]
+        for r in range(1, 16):
+            f = int(1.5 * flops * r / 16)
+            space.candidates[name].append(Candidate(name, Choice("svd", {"rank": r}), f // 10, f,
+                                                    error=0.3 * (1 - r / 16) ** 2, latency=f * 1e-6))
+    for producer, consumer in (("l0", "l1"), ("l2", "l3")):
+        both = space.dense(producer).flops + space.dense(consumer).flops
+        for k in range(2, 32, 2):
+            f = both * k // 32
+            space.candidates[producer].append(Candidate(
+                producer, Choice("prune", {"keep": k}, consumer), f // 10, f, error=0.2 * (1 - k / 32) ** 2,
+                latency=f * 1e-6, covers=(consumer,)))
+    sizes = {n: {"rank": 16} for n in space.candidates}
+    sizes["l0"]["keep"] = sizes["l2"]["keep"] = 32
+    return space, sizes
+
+
+def family_baseline(space):
+    dense = [space.dense(n) for n in space.candidates]
+    return Baseline(latency=sum(c.latency for c in dense), bytes=4 * sum(c.params for c in dense),
+                    flops=sum(c.flops for c in dense), metric=90.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_uniform_plans_take_the_highest_fraction_the_limit_allows(seed):
+    from denseflex_onnx.search import UNIFORM_FRACTIONS, uniform_plans
+    space, sizes = family_space(np.random.default_rng(seed))
+    baseline = family_baseline(space)
+    limit = baseline.flops * float(np.random.default_rng(seed).uniform(0.3, 0.9))
+    plans = {p.label.split()[0]: p for p in uniform_plans(space, sizes, baseline, Limits(None, None, limit, 1.0),
+                                                        {n: 4 for n in space.candidates})}
+    # by hand: the FLOPs of a fraction f everywhere, the highest f under the limit
+    by_rank = {f: sum(next(c.flops for c in space.candidates[n] if c.choice.config.get("rank") == round(16 * f))
+                      for n in space.candidates) for f in UNIFORM_FRACTIONS}
+    by_keep = {f: sum(next(c.flops for c in space.candidates[p] if c.choice.config.get("keep") == round(32 * f))
+                      for p in ("l0", "l2")) for f in UNIFORM_FRACTIONS}
+    for family, flops in (("rank", by_rank), ("keep", by_keep)):
+        allowed = [f for f, v in flops.items() if v <= limit]
+        if not allowed:
+            assert family not in plans
+            continue
+        plan = plans[family]
+        assert plan.label == f"{family} {max(allowed):g} everywhere"
+        assert sum(c.flops for c in plan.choices.values() if not (c.is_dense and any(
+            c.layer in o.covers for o in plan.choices.values()))) == flops[max(allowed)]
+
+
+def test_measured_uniform_plans_correct_how_pruning_is_weighed_and_aim_the_first_budget():
+    """A model whose real drop is 1 point per unit of SVD error and 5 per unit of pruning error:
+    the two uniform plans, verified first, measure that ratio; with it the first searched plan
+    already keeps the accuracy limit, and the result is no worse than either uniform plan."""
+    space, sizes = family_space(np.random.default_rng(0))
+    baseline = family_baseline(space)
+    itemsize = {n: 4 for n in space.candidates}
+    limits = Limits(None, None, 0.7 * baseline.flops, accuracy_drop=1.0)
+    from denseflex_onnx.search import uniform_plans
+    uniform = uniform_plans(space, sizes, baseline, limits, itemsize)
+    assert sorted(p.label.split()[0] for p in uniform) == ["keep", "rank"]
+
+    def verify(choices):
+        e = estimate(space, choices, baseline, itemsize)
+        drop = sum(c.error * (5.0 if c.choice.method == "prune" else 1.0) for c in choices.values())
+        return Verified(e.latency, baseline.latency, baseline.metric - drop, int(e.bytes), int(e.flops))
+
+    result = choose(space, baseline, limits, "latency", itemsize, verify, uniform=uniform)
+    assert result.method_scale["prune"] == pytest.approx(5.0)
+    assert [s.label is not None for s in result.steps[:2]] == [True, True]
+    searched = [s for s in result.steps if s.label is None]
+    assert searched and "accuracy drop" not in searched[0].misses
+    assert result.feasible and baseline.metric - result.verified.metric <= 1.0
+    met = [s for s in result.steps if s.label and not s.misses]
+    assert all(result.verified.latency <= s.verified.latency + 1e-12 for s in met)

@@ -232,7 +232,7 @@ def test_bad_memory_budget_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_a_layer_that_cannot_pay_off_gets_no_statistics_and_no_decomposition(tmp_path):
+def test_a_layer_that_cannot_pay_off_gets_no_decomposition_and_statistics_only_as_a_pair_consumer(tmp_path):
     from tests.graphs import mlp, save
     model = save(mlp(sizes=(20, 512, 512, 2)), tmp_path / "m.onnx")      # fc2: 0.4% of weights and FLOPs
     x = np.random.default_rng(0).standard_normal((48, 20)).astype(np.float32)
@@ -242,7 +242,17 @@ def test_a_layer_that_cannot_pay_off_gets_no_statistics_and_no_decomposition(tmp
                          no_cache=True)
     report = result.report
     assert set(report["kept_dense"]) == {"fc2"} and report["kept_dense"]["fc2"].startswith("negligible")
-    assert "fc2" not in report["statistics"] and {"fc0", "fc1"} <= set(report["statistics"])
+    # fc2 keeps statistics only because it consumes the pair fc1 -> fc2, which is refitted on them
+    assert {"fc0", "fc1", "fc2"} == set(report["statistics"])
+    assert any(row["layer"] == "fc1" and row["method"] == "prune" and row["error"] is not None
+               for row in report["candidates"])
+    without_pairs = api._explore(model, latency=None, memory=None, flops="-20%", max_accuracy_drop="1",
+                                 objective="latency", metric=None, output=None, data=tmp_path / "d.npz",
+                                 provider="cpu", threads=1, factorization=None, calib_samples=32,
+                                 sensitivity=False, time_budget=None, cache_dir=None, no_cache=True, seed=0,
+                                 layer_specs=None, exclude=None, input_shapes=None, progress=api.Progress(),
+                                 methods=["svd", "tt"])
+    assert "fc2" not in without_pairs.statistics and {"fc0", "fc1"} <= set(without_pairs.statistics)
     fc2 = [row for row in report["candidates"] if row["layer"] == "fc2" and row["spec"] != "dense"]
     assert fc2 and all(row["dropped"].startswith("cannot pay off") and row["error"] is None for row in fc2)
     # the grid still counts them: pruning shares stay comparable
