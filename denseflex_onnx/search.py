@@ -20,7 +20,7 @@ from .constraints import Constraints
 from .space import NOT_TIMED, TIMING_FAILED, Candidate, Space
 
 MAX_VERIFICATIONS = 4
-ERROR_FLOOR = 1e-3      # the smallest summed error budget tried, per unit of its range
+ERROR_FLOOR = 1e-5      # the smallest summed squared error budget tried, per layer (0.3% each)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 The summed layer error is a proxy: an error in one layer may cost far more accuracy than
 the same error in another. Factorizing one layer at a time at a few ranks and measuring the
-end-to-end drop gives each layer a slope (points lost per unit of layer error, least squares
-through the origin); the solver then adds up errors weighted by these slopes, normalized
+end-to-end drop gives each layer a slope (points lost per unit of squared layer error, least
+squares through the origin); the solver then adds up errors weighted by these slopes, normalized
 to a mean of 1 so the error-budget range stays the same.
 
 A probe's drop is in fidelity, 100 x mean cosine of the outputs to the original's, on the
@@ -49,7 +49,7 @@ def error_scales(space: Space, drop_of: Callable[[str, Candidate], float], on_pr
             if on_probe:
                 on_probe()
         if points:
-            e = np.array([p["error"] for p in points])
+            e = np.array([p["error"] for p in points]) ** 2     # the solver adds squared errors
             d = np.maximum(np.array([p["drop"] for p in points]), 0.0)
             slopes[name] = float(e @ d / (e @ e))
             measured[name] = points

@@ -68,8 +68,14 @@ class Space:
     method_scale: dict[str, float] = field(default_factory=dict)
 
     def weighted_error(self, cand: Candidate) -> float:
-        """The layer error the solver adds up (a pair's is measured at its consumer's output)."""
-        return (cand.error * self.error_scale.get(cand.covers[-1] if cand.covers else cand.layer, 1.0)
+        """What the solver adds up for a layer: its squared relative error (a pair's at its
+        consumer's output), weighted. Squared because layer errors reach the output as
+        perturbations in nearly independent directions, whose energies add, and a similarity
+        metric loses about half that energy (1 - cos(y, y + d) ~ |d|^2 / 2|y|^2). A sum of plain
+        relative errors favours a few large errors over many small ones of the same energy by
+        sqrt(n): on MiniLM-L6 it chose rank 16 in an FFN projection and lost 8 cosine points
+        where the estimate said 1.3."""
+        return (cand.error ** 2 * self.error_scale.get(cand.covers[-1] if cand.covers else cand.layer, 1.0)
                 * self.method_scale.get(cand.choice.method, 1.0))
 
     def dense(self, layer: str) -> Candidate:

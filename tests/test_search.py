@@ -7,7 +7,7 @@ import pytest
 
 from denseflex_onnx.constraints import Constraints
 from denseflex_onnx.plan import DENSE, Choice
-from denseflex_onnx.search import Baseline, Limits, Verified, choose, estimate, misses, solve
+from denseflex_onnx.search import ERROR_FLOOR, Baseline, Limits, Verified, choose, estimate, misses, solve
 from denseflex_onnx.space import Candidate, Space, dominated
 
 
@@ -174,10 +174,10 @@ def test_choose_bisects_the_error_budget_until_accuracy_holds():
     assert 1 <= len(calls) <= 6
     assert result.feasible
     assert baseline.metric - result.verified.metric <= 1.0 + 1e-9
-    # every verified plan within its error budget, budgets inside the fixed range [1e-3 n, n]
+    # every verified plan within its error budget, budgets inside the fixed range [ERROR_FLOOR n, n]
     for step in result.steps:
         assert step.estimate.error <= step.error_budget + 1e-12
-        assert 1e-3 * 3 <= step.error_budget <= 3
+        assert ERROR_FLOOR * 3 <= step.error_budget <= 3
 
 
 def test_choose_reports_infeasible_with_the_nearest_plan():
@@ -274,7 +274,7 @@ def pair_brute_force(space, baseline, limits, error_budget):
         between_kept = between_all - sum(c.between_params for c in held if c.covers)
         params = sum(c.params for c in held) + between_kept
         model_bytes = baseline.bytes + 4 * (params - dense_params)
-        error = sum(c.error for c in combo)
+        error = sum(c.error ** 2 for c in combo)     # energies add (Space.weighted_error)
         if model_bytes > limits.bytes + 1e-9 or error > error_budget + 1e-12:
             continue
         if latency < best_latency - 1e-12:
@@ -368,7 +368,7 @@ def test_measured_uniform_plans_correct_how_pruning_is_weighed_and_aim_the_first
 
     def verify(choices):
         e = estimate(space, choices, baseline, itemsize)
-        drop = sum(c.error * (5.0 if c.choice.method == "prune" else 1.0) for c in choices.values())
+        drop = sum(c.error ** 2 * (5.0 if c.choice.method == "prune" else 1.0) for c in choices.values())
         return Verified(e.latency, baseline.latency, baseline.metric - drop, int(e.bytes), int(e.flops))
 
     result = choose(space, baseline, limits, "latency", itemsize, verify, uniform=uniform)

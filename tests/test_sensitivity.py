@@ -17,11 +17,11 @@ def space_of(errors: dict[str, list[float]]) -> Space:
 
 def test_slopes_are_least_squares_through_the_origin_normalized_to_a_mean_of_one():
     space = space_of({"a": [0.03, 0.1, 0.3], "b": [0.03, 0.1, 0.3], "c": [0.03, 0.1, 0.3]})
-    drops = {"a": lambda e: 2.0 * e, "b": lambda e: 6.0 * e + 0.1, "c": lambda e: 0.0}
+    drops = {"a": lambda e: 2.0 * e ** 2, "b": lambda e: 6.0 * e ** 2 + 0.1, "c": lambda e: 0.0}
     scales, measured = sensitivity.error_scales(space, lambda name, cand: drops[name](cand.error))
     slope = {}
-    for name in ("a", "b"):
-        e = np.array([p["error"] for p in measured[name]])
+    for name in ("a", "b"):       # points per unit of squared error: what the solver adds up
+        e = np.array([p["error"] for p in measured[name]]) ** 2
         d = np.array([p["drop"] for p in measured[name]])
         slope[name] = float(np.linalg.lstsq(e[:, None], d, rcond=None)[0][0])
     mean = (slope["a"] + slope["b"]) / 2
