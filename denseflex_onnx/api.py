@@ -464,7 +464,7 @@ def _held_out_errors(ex: _Explored, choices: dict) -> dict[str, float]:
             continue
         layer, diff = space_mod.change_of(ex.factors, cand, ex.prep.layers, ex.prep.pairs)
         centered = ex.mode != "plain" and target.side != "left"
-        out[name] = space_mod.relative_output_error(layer, diff, stats[target.name].expected(centered))
+        out[name] = space_mod.relative_output_error(layer, diff, stats[target.name].observed(centered))
     return out
 
 
@@ -647,7 +647,7 @@ def _explore_reports(path, prefix, *, force=False, progress: Progress | None = N
     model_mod.check_output_path(paths["json"], [Path(path)], force, paths["csv"], paths["md"], paths["png"])
     ex = _explore(path, progress=progress or Progress(), **options)
     limits = search.Limits.resolve(ex.constraints, ex.baseline)
-    worst = sum(max((c.error for c in ex.space.alive(n)), default=0.0) for n in ex.space.candidates)
+    worst = sum(max((ex.space.weighted_error(c) for c in ex.space.alive(n)), default=0.0) for n in ex.space.candidates)
     choices = search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize) or {}
     plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256,
                 calibration=ex.calibration)

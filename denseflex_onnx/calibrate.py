@@ -71,11 +71,21 @@ class LayerStats:
         """
         d = len(self.gram)
         weight = d / (d + self.count)
-        if isinstance(self.gram, LowRankGram):
-            gram = self.gram.minus_outer(self.total, 1 / max(self.count, 1)) if centered else self.gram
+        gram = self.observed(centered).gram
+        if isinstance(gram, LowRankGram):
             return LayerStats(gram.shrunk(weight), self.total, self.total_abs, self.count)
-        gram = self.gram - np.outer(self.total, self.total) / max(self.count, 1) if centered else self.gram
         gram = (1 - weight) * gram + weight * (float(np.trace(gram)) / max(d, 1)) * np.eye(d)
+        return LayerStats(gram, self.total, self.total_abs, self.count)
+
+    def observed(self, centered: bool) -> "LayerStats":
+        """These statistics as measured, centered or not: what an error on these very inputs
+        (held-out ones, say) is computed on, where `expected` is what a fit should use."""
+        if not centered:
+            return self
+        if isinstance(self.gram, LowRankGram):
+            gram = self.gram.minus_outer(self.total, 1 / max(self.count, 1))
+        else:
+            gram = self.gram - np.outer(self.total, self.total) / max(self.count, 1)
         return LayerStats(gram, self.total, self.total_abs, self.count)
 
     @property

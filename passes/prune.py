@@ -22,7 +22,11 @@ from .chain import Chain, conv_geometry
 
 NAME = "prune"
 TARGET = "pair"             # what `applies` and the others take: a pairs.Pair, not a Layer
-RIDGE = 1e-3                # of the mean diagonal of the kept inputs' covariance (BASELINES.md)
+# the refit's ridge, of the mean diagonal of the kept inputs' covariance: at least RIDGE, and
+# d / n for n calibration vectors in d dims, the shrinkage calibrate.LayerStats.expected applies
+# (as if d isotropic rows were added). MiniLM-L6's FFNs have 1536 inputs and 2.8k calibration
+# tokens: at 1e-3 alone the refit fit their noise, its held-out error 10% above d / n's.
+RIDGE = 1e-3
 # sixteenths above a half: a transformer's FFN loses little there, and a budget often falls
 # between two eighths (MiniLM at -25% FLOPs: keep 0.625 everywhere misses by 1%)
 FRACTIONS = (0.25, 0.375, 0.5, 0.5625, 0.625, 0.6875, 0.75, 0.8125, 0.875, 0.9375)
@@ -173,7 +177,7 @@ def factorize(pair, config, stats=None, decomposition=None, mode: str = "plain")
     if keep == n:
         fitted = m
     elif cov is not None:
-        fitted, bias = refit(m, bias, cov, stats.total / stats.count, rows)
+        fitted, bias = refit(m, bias, cov, stats.total / stats.count, rows, max(RIDGE, len(cov) / stats.count))
     else:
         fitted = m[rows]
         if stats is not None and stats.count:   # a sketch: no refit, but the mean is known

@@ -67,6 +67,9 @@ class Decomposition:
     untransform: np.ndarray | None   # T^-1, applied to the first factor
     energy: np.ndarray
     total: float                     # tr(W^T G W): the output energy of W itself
+    # (A^T G A, A^T G W) for the first factor A of every triplet: the second factor is then
+    # refitted by least squares at each rank (scaled mode, where truncation is not the optimum)
+    refit: tuple[np.ndarray, np.ndarray] | None = None
 
     def relative_error(self, rank: int) -> float:
         kept = float(np.sum(self.energy[:rank]))
@@ -101,13 +104,40 @@ def decompose_matrix(w: np.ndarray, stats=None, max_rank: int | None = None,
     m = w if transform is None else transform @ w
     u, s, vt = truncated_svd(m, max_rank)
     if gram is None:
-        energy, total = s ** 2, float(np.sum(w * w))
-    else:
-        # the error energy triplet i removes: s_i^2 v_i^T G v_i with v_i = T^-1 u_i (1 when whitened)
-        v = u if untransform is None else untransform @ u
-        energy = s ** 2 * np.sum(v * (gram @ v), axis=0)
-        total = float(np.sum(w * (gram @ w)))
+        return Decomposition(u, s, vt, untransform, s ** 2, float(np.sum(w * w)))
+    total = float(np.sum(w * (gram @ w)))
+    if mode == "scaled":
+        return _refitted(u, s, vt, untransform, w, gram, total)
+    # the error energy triplet i removes: s_i^2 v_i^T G v_i with v_i = T^-1 u_i (1 when whitened)
+    v = u if untransform is None else untransform @ u
+    energy = s ** 2 * np.sum(v * (gram @ v), axis=0)
     return Decomposition(u, s, vt, untransform, energy, total)
+
+
+def _refitted(u, s, vt, untransform, w, gram, total) -> Decomposition:
+    """The scaled SVD with its second factor refitted at every rank: B_r = argmin ||X W - X A_r B||,
+    i.e. (A_r^T G A_r)^-1 A_r^T G W. Whitened truncation needs no refit (it is already that
+    optimum: Eckart-Young in the metric of X), so this is the scaled mode's alone.
+
+    The energy each rank keeps comes from one Cholesky factor L of A^T G A (that of a leading
+    block is the leading block of L): row i of L^-1 A^T G W is what triplet i adds."""
+    import scipy.linalg
+    a, _ = split_singular_values(u, s, vt, len(s))
+    a = untransform @ a
+    ga = gram @ a
+    z, y = a.T @ ga, ga.T @ w
+    z = z + _ridge(z) * np.eye(len(z))
+    try:
+        root = np.linalg.cholesky(z)
+    except np.linalg.LinAlgError:        # a degenerate basis: keep the truncation's own errors
+        v = untransform @ u
+        return Decomposition(u, s, vt, untransform, s ** 2 * np.sum(v * (gram @ v), axis=0), total)
+    energy = np.sum(scipy.linalg.solve_triangular(root, y, lower=True) ** 2, axis=1)
+    return Decomposition(u, s, vt, untransform, energy, total, refit=(z, y))
+
+
+def _ridge(z: np.ndarray) -> float:
+    return 1e-12 * max(float(np.trace(z)) / max(len(z), 1), 1e-300)
 
 
 class Diagonal:
@@ -227,7 +257,12 @@ def truncate(d: Decomposition, rank: int) -> tuple[np.ndarray, np.ndarray]:
     if rank > len(d.s):
         raise ValueError(f"rank {rank} above the {len(d.s)} triplets decomposed")
     a, b = split_singular_values(d.u, d.s, d.vt, rank)
-    return (a if d.untransform is None else d.untransform @ a), b
+    a = a if d.untransform is None else d.untransform @ a
+    if d.refit is not None:
+        z, y = d.refit
+        import scipy.linalg
+        b = scipy.linalg.solve(z[:rank, :rank], y[:rank], assume_a="pos")
+    return a, b
 
 
 def reconstruct(layer, factors) -> np.ndarray:

@@ -63,6 +63,38 @@ def test_scaled_is_exact_at_full_rank_and_its_error_is_real():
         assert d.relative_error(rank) == pytest.approx(output_error(x, w, *svd.truncate(d, rank)), rel=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_scaled_second_factor_is_the_least_squares_refit_and_never_worse(seed):
+    """At each rank the scaled SVD's second factor is numpy's lstsq of X W on X A (A its first
+    factor), its closed-form error is that fit's real error, and no worse than the truncation."""
+    rng = np.random.default_rng(seed)
+    x = correlated_inputs(rng, 300, 20, 0.3)
+    w = rng.standard_normal((20, 14))
+    d = svd.decompose_matrix(w, stats_of(x), None, "scaled")
+    u, s, vt = d.u, d.s, d.vt
+    for rank in (1, 3, 7, 13):
+        a, b = svd.truncate(d, rank)
+        reference = np.linalg.lstsq(x @ a, x @ w, rcond=None)[0]
+        np.testing.assert_allclose(b, reference, rtol=1e-6, atol=1e-8)
+        root = np.sqrt(s[:rank])
+        truncated = root[:, None] * vt[:rank]                   # the second factor before the refit
+        assert output_error(x, w, a, b) <= output_error(x, w, a, truncated) + 1e-12
+        assert d.relative_error(rank) == pytest.approx(output_error(x, w, a, b), rel=1e-5, abs=1e-8)
+
+
+def test_whitened_truncation_is_already_the_least_squares_refit():
+    """Why only the scaled mode refits: the whitened second factor is lstsq's already."""
+    rng = np.random.default_rng(5)
+    x = correlated_inputs(rng, 300, 20, 0.3)
+    w = rng.standard_normal((20, 14))
+    d = svd.decompose_matrix(w, stats_of(x), None, "whitened")
+    assert d.refit is None
+    for rank in (2, 6, 11):
+        a, b = svd.truncate(d, rank)
+        # up to the small ridge whitening adds to X^T X
+        np.testing.assert_allclose(b, np.linalg.lstsq(x @ a, x @ w, rcond=None)[0], rtol=1e-3, atol=1e-4)
+
+
 def test_singular_gram_is_regularized_and_nan_falls_back_to_plain(caplog):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((50, 12))
