@@ -162,23 +162,40 @@ def _cannot_pay_off(prep: _Prepared, forced: dict, methods) -> dict[str, str]:
 
 
 def _statistics(prep: _Prepared, calib, forced: dict, methods, budget: int, threads: int,
-                progress: Progress, pairs: list = ()):
+                progress: Progress, pairs: list = (), score_apart: bool = False):
     """Calibration statistics of the layers that may be rewritten and of the consumers of the
     pairs that may be pruned, each kept as the memory budget allows; a layer left without them
-    is fitted plainly, with a warning naming it."""
+    is fitted plainly, with a warning naming it. Returns (statistics plans are fitted on, those
+    candidates are fitted on to be scored, those they are scored on, representations).
+
+    score_apart: layers whose X^T X is kept whole are collected on two halves of the samples
+    (calibrate.scoring_parts), candidates fitted on one and scored on the other, plans fitted on
+    both; each half holds a copy, so each gets half the memory budget. Otherwise the first two
+    are the same statistics and none are held out."""
     refitted = {c.consumer for c in forced.values() if c.consumer} | {p.consumer.name for p in pairs}
     wanted = [l for n, l in prep.layers.items() if n not in forced or forced[n].method != "dense" or n in refitted]
+    parts = calibrate.scoring_parts(calib) if score_apart else None
     representations = calibrate.plan_statistics(
-        [l for l in wanted if not l.scope], budget, {l.name: space_mod.largest_rank(l, methods) for l in wanted})
+        [l for l in wanted if not l.scope], budget // 2 if parts else budget,
+        {l.name: space_mod.largest_rank(l, methods) for l in wanted})
     for name, r in representations.items():
         if r.kind == "none":
             log.warning("%s: no calibration statistics (%s); --memory-budget raises the limit", name, r.why)
+    whole = [l for l in wanted if parts is None or representations.get(l.name, calibrate.FULL).kind != "full"]
+    apart = [l for l in wanted if l not in whole]
     size, _ = data_mod.batching(prep.loaded, calib.fixed)
-    chunks = math.ceil(calib.samples / size) if calib.samples else 0
+    runs = [(whole, calib)] * bool(whole) + ([(apart, part) for part in parts] if apart else [])
+    chunks = sum(math.ceil(data.samples / size) for _, data in runs)
+    collected = []
     with progress.task(f"calibration activations (memory budget {format_bytes(budget)})", chunks) as advance:
-        stats = calibrate.collect(prep.loaded, wanted, calib, provider="CPUExecutionProvider",
-                                  threads=threads, on_chunk=advance, representations=representations)
-    return stats, representations
+        for layers, data in runs:
+            collected.append(calibrate.collect(prep.loaded, layers, data, provider="CPUExecutionProvider",
+                                               threads=threads, on_chunk=advance, representations=representations))
+    rest = collected[0] if whole else {}
+    if not apart:
+        return rest, rest, {}, representations
+    fitted, held_out = collected[-2:]
+    return calibrate.Pooled(fitted, held_out, rest), {**rest, **fitted}, held_out, representations
 
 
 def _forced(prep: _Prepared, layer_specs, exclude) -> dict[str, Choice]:
@@ -263,7 +280,7 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
         # data-aware plans fit each layer, and a pruned pair's consumer, on its input statistics
         wanted = set() if mode == "plain" else {c.consumer or n for n, c in plan.rewritten().items()}
         if wanted:
-            stats, _ = _statistics(prep, calib, {n: DENSE for n in prep.layers if n not in wanted},
+            stats, *_ = _statistics(prep, calib, {n: DENSE for n in prep.layers if n not in wanted},
                                    None, budget_bytes, 1, Progress())
     new = _rewrite(prep, space_mod.Factors(prep.layers, stats, mode), plan, calib)
     files = model_mod.write_model(new, out, external=prep.loaded.external_data)
@@ -386,11 +403,15 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     kept_dense = {} if exhaustive else _cannot_pay_off(prep, forced, methods)
     layers = list(prep.layers.values())
     pairs = _pairs(prep, methods, forced, exhaustive)
-    stats, representations = _statistics(prep, calib, {**forced, **{n: DENSE for n in kept_dense}}, methods,
-                                         budget_bytes, threads, progress, pairs)
-    factors = space_mod.Factors(prep.layers, stats, mode)
+    stats, scoring, held_out, representations = _statistics(
+        prep, calib, {**forced, **{n: DENSE for n in kept_dense}}, methods, budget_bytes, threads, progress, pairs,
+        score_apart=mode != "plain")
+    # candidates are fitted on half the calibration samples and scored on the other half; the
+    # plans that are built are fitted on all of them
+    scored = space_mod.Factors(prep.layers, scoring, mode, held_out)
+    factors = space_mod.Factors(prep.layers, stats, mode) if held_out else scored
     with progress.task("decomposition and layer errors", len(layers)) as advance:
-        space = space_mod.build(layers, factors, methods, forced, on_layer=lambda _: advance(),
+        space = space_mod.build(layers, scored, methods, forced, on_layer=lambda _: advance(),
                                 prune=not exhaustive, kept_dense=kept_dense, pairs=pairs)
 
     engine_cache = (Path(cache_dir) if cache_dir else profile.default_cache_dir()).parent / "trt-engines" \
@@ -412,7 +433,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     deadline = started + budget_s if budget_s is not None else None
     alive = sum(1 for c in space.all() if c.dropped is None)
     with progress.task("timing candidates", alive) as advance:
-        measured = profile.measure_space(space, prep.layers, factors, cache, provider, threads,
+        measured = profile.measure_space(space, prep.layers, scored, cache, provider, threads,
                                          budget=timing or profile.Budget(), deadline=deadline,
                                          opset=max(prep.loaded.opset, 13), engine_cache=engine_cache,
                                          on_candidate=lambda _: advance(), warn=log.warning,
@@ -423,6 +444,8 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
                    space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget(),
                    session, kept_dense=kept_dense, memory_budget=budget_bytes, calibration=calibration,
                    statistics={n: r.to_json() for n, r in representations.items()})
+    if sensitivity is None:     # on by default where the errors are fitted to data
+        sensitivity = mode != "plain" and data is not None
     if sensitivity:
         probe = calib.take(0, min(sens.PROBE_SAMPLES, calib.samples))
         probe_reference = metrics.outputs(ref_session, probe, prep.loaded, output)
@@ -629,7 +652,7 @@ def missed_line(misses: dict) -> list[str]:
 
 def explore(path, prefix, *, latency=None, memory=None, flops=None, max_accuracy_drop=None, objective="latency",
             metric=None, output=None, data=None, provider="cpu", threads=1, factorization=None, calib_samples=128,
-            sensitivity=False, time_budget=None, cache_dir=None, no_cache=False, seed=0, layer_specs=None,
+            sensitivity=None, time_budget=None, cache_dir=None, no_cache=False, seed=0, layer_specs=None,
             exclude=None, input_shapes=None, force=False, progress: Progress | None = None,
             timing: profile.Budget | None = None, memory_budget=None, calibration=None) -> Result:
     """Space, measure and the MILP's choice (estimated, not verified); writes `prefix`.report.* only.
@@ -675,7 +698,7 @@ def _write_reports(paths: dict, data: dict, written: list[Path]) -> None:
 
 def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accuracy_drop=None,
              objective="latency", metric=None, output=None, data=None, provider="cpu", threads=1,
-             factorization=None, calib_samples=128, sensitivity=False, time_budget=None, cache_dir=None,
+             factorization=None, calib_samples=128, sensitivity=None, time_budget=None, cache_dir=None,
              no_cache=False, seed=0, layer_specs=None, exclude=None, input_shapes=None, top_k=0,
              force=False, progress: Progress | None = None, exhaustive: bool = False,
              timing: profile.Budget | None = None, memory_budget=None, calibration=None,

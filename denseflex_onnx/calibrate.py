@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,11 @@ class LayerStats:
         gram = (1 - weight) * gram + weight * (float(np.trace(gram)) / max(d, 1)) * np.eye(d)
         return LayerStats(gram, self.total, self.total_abs, self.count)
 
+    def __add__(self, other: "LayerStats") -> "LayerStats":
+        """The statistics of both sets of inputs together (full X^T X only: sketches do not add)."""
+        return LayerStats(self.gram + other.gram, self.total + other.total, self.total_abs + other.total_abs,
+                          self.count + other.count)
+
     def observed(self, centered: bool) -> "LayerStats":
         """These statistics as measured, centered or not: what an error on these very inputs
         (held-out ones, say) is computed on, where `expected` is what a fit should use."""
@@ -95,6 +101,39 @@ class LayerStats:
     @property
     def mean_abs(self) -> np.ndarray:
         return self.total_abs / max(self.count, 1)
+
+
+class Pooled(Mapping):
+    """Per layer, the statistics of two disjoint parts of the calibration samples summed when
+    asked for (then `rest`'s, for layers collected whole), so a run that scores layer errors
+    on one part (scoring_parts) and fits its plans on both holds two copies, not three."""
+
+    def __init__(self, first: dict, second: dict, rest: dict):
+        self.first, self.second, self.rest = first, second, rest
+
+    def __getitem__(self, name: str) -> LayerStats:
+        if name in self.first:
+            return self.first[name] + self.second[name]
+        return self.rest[name]
+
+    def __iter__(self):
+        return iter([*self.first, *(n for n in self.rest if n not in self.first)])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+# calibration samples below which no part is held out to score layer errors on
+SCORING_MIN_SAMPLES = 16
+
+
+def scoring_parts(data: Dataset) -> tuple[Dataset, Dataset] | None:
+    """Every other calibration sample: (the part layer candidates are fitted on to be scored,
+    the part they are scored on), or None with too few samples to split."""
+    if data.samples < SCORING_MIN_SAMPLES:
+        return None
+    n = data.samples
+    return data.pick(np.arange(0, n, 2)), data.pick(np.arange(1, n, 2))
 
 
 # ----------------------------------------------------------------------------- memory budget

@@ -31,6 +31,10 @@ class Dataset:
         return Dataset({k: v[start:stop] for k, v in self.arrays.items()}, self.fixed,
                        None if self.labels is None else self.labels[start:stop], self.synthetic)
 
+    def pick(self, indices: np.ndarray) -> "Dataset":
+        return Dataset({k: v[indices] for k, v in self.arrays.items()}, self.fixed,
+                       None if self.labels is None else self.labels[indices], self.synthetic)
+
 
 def _input_types(model: LoadedModel) -> dict[str, tuple[np.dtype, list]]:
     out = {}

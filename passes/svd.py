@@ -114,6 +114,16 @@ def decompose_matrix(w: np.ndarray, stats=None, max_rank: int | None = None,
     return Decomposition(u, s, vt, untransform, energy, total)
 
 
+def energies_on(d: Decomposition, w: np.ndarray, gram) -> tuple[np.ndarray, float]:
+    """(energy per triplet, total) as `d` holds them, for the matrix W it decomposed, on another
+    X^T X: triplet i's s_i^2 v_i^T G v_i, v_i = T^-1 u_i, and tr(W^T G W). The triplets' output
+    directions are orthonormal, so their energies add on any inputs: the error of every rank is
+    again a cumulative sum. Not for a refitted decomposition (its second factors are not the
+    triplets')."""
+    v = d.u if d.untransform is None else d.untransform @ d.u
+    return d.s ** 2 * np.sum(v * (gram @ v), axis=0), float(np.sum(w * (gram @ w)))
+
+
 def _refitted(u, s, vt, untransform, w, gram, total) -> Decomposition:
     """The scaled SVD with its second factor refitted at every rank: B_r = argmin ||X W - X A_r B||,
     i.e. (A_r^T G A_r)^-1 A_r^T G W. Whitened truncation needs no refit (it is already that

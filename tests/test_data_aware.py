@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from denseflex_onnx.calibrate import LayerStats
 from denseflex_onnx.layers import Layer
-from denseflex_onnx.passes import svd
+from denseflex_onnx.passes import PASSES, svd
 from denseflex_onnx.plan import Choice
 from denseflex_onnx.space import Factors
 
@@ -93,6 +93,29 @@ def test_whitened_truncation_is_already_the_least_squares_refit():
         a, b = svd.truncate(d, rank)
         # up to the small ridge whitening adds to X^T X
         np.testing.assert_allclose(b, np.linalg.lstsq(x @ a, x @ w, rcond=None)[0], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["svd", "tt"])
+def test_layer_errors_are_measured_on_held_out_samples(method):
+    """Candidates fitted on one part of the calibration rows are scored on the other part: the
+    error is ||X_h (W - W')|| / ||X_h W|| on those rows (centered: the bias absorbs the mean),
+    computed here directly, and it is above the error on the rows the fit saw."""
+    from denseflex_onnx.passes import tt
+    rng = np.random.default_rng(3)
+    x = correlated_inputs(rng, 120, 24, 0.2)
+    fit, held = x[0::2], x[1::2]
+    w = rng.standard_normal((24, 16))
+    layer = dense_layer(w)
+    scored = Factors({"fc": layer}, {"fc": stats_of(fit)}, "whitened", held_out={"fc": stats_of(held)})
+    configs = [{"rank": r} for r in (2, 5, 9)] if method == "svd" else tt.candidates(layer)[:3]
+    hc, fc = held - held.mean(axis=0), fit - fit.mean(axis=0)
+    for config in configs:
+        choice = Choice(method, config)
+        approx = PASSES[method].reconstruct(layer, scored.factors(layer, choice)).astype(np.float64)
+        expected = np.linalg.norm(hc @ (w - approx)) / np.linalg.norm(hc @ w)
+        assert scored.error(layer, choice) == pytest.approx(expected, rel=1e-4), config
+        seen = np.linalg.norm(fc @ (w - approx)) / np.linalg.norm(fc @ w)
+        assert scored.error(layer, choice) > seen
 
 
 def test_singular_gram_is_regularized_and_nan_falls_back_to_plain(caplog):
