@@ -379,3 +379,30 @@ def test_measured_uniform_plans_correct_how_pruning_is_weighed_and_aim_the_first
     assert result.feasible and baseline.metric - result.verified.metric <= 1.0
     met = [s for s in result.steps if s.label and not s.misses]
     assert all(result.verified.latency <= s.verified.latency + 1e-12 for s in met)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_budget_below_what_the_limits_allow_jumps_to_the_least_error_plan(seed):
+    """When the error budget is tighter than any plan within the limits allows, the next plan
+    verified is the one with the least summed error within them (brute force), not a plan from
+    the middle of the budget range; then, nothing better being estimated, the search stops."""
+    rng = np.random.default_rng(200 + seed)
+    space = random_space(rng, layers=3, per_layer=4)
+    for cands in space.candidates.values():
+        for c in cands[1:]:
+            c.error = float(rng.uniform(0.3, 0.9))       # every choice costs much
+    baseline = Baseline(10.0, 100_000, 200_000, 90.0)
+    itemsize = {n: 4 for n in space.candidates}
+    dense_flops = sum(space.dense(n).flops for n in space.candidates)
+    limits = Limits(None, None, baseline.flops - 0.3 * dense_flops, accuracy_drop=1.0)
+    least, least_error = brute_force(space, baseline, limits, "accuracy", math.inf, itemsize)
+    assert least is not None and least_error > ERROR_FLOOR * 3      # the first budget tried is below it
+
+    def verify(choices):         # every plan loses far more than the limit
+        e = estimate(space, choices, baseline, itemsize)
+        return Verified(e.latency, baseline.latency, baseline.metric - 100 * e.error, e.bytes, e.flops)
+
+    result = choose(space, baseline, limits, "latency", itemsize, verify)
+    assert not result.feasible
+    assert result.steps[0].estimate.error == pytest.approx(least_error, rel=1e-9)
+    assert len(result.steps) == 1
