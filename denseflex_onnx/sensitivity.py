@@ -24,7 +24,10 @@ PROBE_SAMPLES = 64
 MIN_SLOPE_SHARE = 0.05      # a layer that seems insensitive still counts a little: probes are few
 
 
-TARGET_ERRORS = (0.03, 0.1, 0.3)   # where metric drops are measurable and plans usually sit
+# where metric drops are measurable and plans usually sit. One probe a layer: a layer's drop
+# follows its squared error closely (MiniLM-L6, layer 0's FFN pruned to 864 and to 384 channels:
+# drops 0.74 and 1.84 for squared errors 0.0020 and 0.0052), so one point fixes its slope
+TARGET_ERRORS = (0.15,)
 
 
 def probes(space: Space, name: str) -> list[Candidate]:

@@ -83,7 +83,8 @@ def test_exhaustive_timing_and_pruned_search_choose_the_same_plan(tmp_path):
     with latency the objective: the timings still decide what is pruned and what is chosen, but no
     verdict hangs on a whole-model A/B that load can tip either way (a latency limit would)."""
     cache = tmp_path / "cache"
-    options = dict(flops="-30%", objective="latency", data=MLP_DATA, cache_dir=cache, timing=FAST)
+    # without the sensitivity probes, which probe what each space keeps alive
+    options = dict(flops="-30%", objective="latency", data=MLP_DATA, cache_dir=cache, timing=FAST, sensitivity=False)
     full = denseflex_onnx.optimize(MLP, exhaustive=True, **options)
     pruned = denseflex_onnx.optimize(MLP, **options)
     assert pruned.report["stages"]["timed"] == 0            # everything came from the cache
@@ -143,7 +144,8 @@ def test_missing_provider_lists_installed_ones(small_mlp, tmp_path, provider, ex
 
 
 def test_sensitivity_probes_each_layer_on_calibration_samples_only(tmp_path):
-    result = denseflex_onnx.optimize(MLP, latency="-30%", data=MLP_DATA, sensitivity=True, calib_samples=100,
+    """On by default with --data."""
+    result = denseflex_onnx.optimize(MLP, latency="-30%", data=MLP_DATA, calib_samples=100,
                                      cache_dir=tmp_path / "c", timing=FAST)
     report = result.report
     assert report["samples"] == {"calibration": 100, "evaluation": 900, "synthetic": False}
@@ -194,6 +196,7 @@ def test_time_budget_stops_timing_and_chooses_among_the_timed(small_mlp, tmp_pat
     """A budget already spent after the dense layers: nothing new is timed, every non-dense
     candidate is reported as not timed, and the plan (all dense) still comes out."""
     result = denseflex_onnx.optimize(small_mlp, time_budget="0.001s", no_cache=True, timing=FAST)
+    assert result.report["sensitivity"] == {}          # no --data: nothing to probe on by default
     s = result.report["stages"]
     assert s["not_timed_budget"] > 0
     rows = result.report["candidates"]
