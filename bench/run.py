@@ -19,8 +19,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# (module, seconds): 40 minutes on 2 cores in all, with room for start-up
-BENCHES = [("layers", 300.0), ("e2e", 1200.0), ("search", 300.0), ("zoo", 600.0)]
+# (module, seconds): 65 minutes on 2 cores in all, with room for start-up
+BENCHES = [("layers", 300.0), ("e2e", 1200.0), ("search", 300.0), ("zoo", 600.0), ("transformers", 1500.0)]
 
 
 def header(command: str, started: datetime.datetime, elapsed: float) -> str:
@@ -98,7 +98,7 @@ def targets(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", nargs="*", help="run only these benchmarks (layers, e2e, search, zoo)")
+    parser.add_argument("--only", nargs="*", help="run only these benchmarks (layers, e2e, search, zoo, transformers)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every time budget (0.2 for a quick look)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
