@@ -19,7 +19,7 @@ import onnx
 
 from . import sensitivity as sens
 from . import calibrate, data as data_mod, layers as layers_mod, metrics, model as model_mod, profile, report, search, space as space_mod
-from . import pairs as pairs_mod, sequential
+from . import pairs as pairs_mod, results as results_mod, sequential
 from .constraints import Constraints, METRICS, format_bytes, format_flops, format_seconds, parse_memory_budget
 from .errors import UserError, about_layer
 from .passes import PASSES
@@ -377,12 +377,14 @@ class _Explored:
     statistics: dict = field(default_factory=dict)    # layer -> how its input statistics were kept
     memory_budget: int = 0
     calibration: str = "independent"
+    results: results_mod.Results | None = None       # what an earlier run with these inputs computed
 
 
 def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
              threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
              layer_specs, exclude, input_shapes, progress: Progress, methods=None, exhaustive=False,
-             timing: profile.Budget | None = None, memory_budget=None, calibration=None) -> _Explored:
+             timing: profile.Budget | None = None, memory_budget=None, calibration=None,
+             cache_size=None) -> _Explored:
     started = time.monotonic()
     constraints = Constraints.parse(latency, memory, flops, max_accuracy_drop, objective)
     provider = resolve_provider(provider)
@@ -391,6 +393,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
         raise UserError(f"--metric {metric!r}: use one of {', '.join(METRICS)}")
     budget_s = parse_time_budget(time_budget)
     budget_bytes = _memory_budget(memory_budget)
+    cache_limit = results_mod.DEFAULT_SIZE if cache_size is None else parse_memory_budget(cache_size, "--cache-size")
     prep = _prepare(path, input_shapes)
     mode = _factorization(factorization, data)
     calibration = _calibration(calibration, mode)
@@ -410,16 +413,32 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     # plans that are built are fitted on all of them
     scored = space_mod.Factors(prep.layers, scoring, mode, held_out)
     factors = space_mod.Factors(prep.layers, stats, mode) if held_out else scored
+    results = results_mod.Results(_results_folder(cache_dir, no_cache), {
+        "model": prep.loaded.sha256, "data": None if data is None else model_mod.sha256_file(Path(data)),
+        "calib_samples": calib.samples, "seed": seed, "input_shapes": prep.loaded.input_shapes,
+        "factorization": mode, "statistics": {n: r.to_json() for n, r in representations.items()}})
+    known = {n: results.get("errors", {"layer": n}) or {} for n in prep.layers}
     with progress.task("decomposition and layer errors", len(layers)) as advance:
         space = space_mod.build(layers, scored, methods, forced, on_layer=lambda _: advance(),
-                                prune=not exhaustive, kept_dense=kept_dense, pairs=pairs)
+                                prune=not exhaustive, kept_dense=kept_dense, pairs=pairs, known_errors=known)
+    for name, cands in space.candidates.items():
+        errors = {c.spec: c.error for c in cands if not c.is_dense and not math.isnan(c.error)}
+        if errors and any(known[name].get(k) != v for k, v in errors.items()):
+            results.put("errors", {"layer": name}, {**known[name], **errors})
 
     engine_cache = (Path(cache_dir) if cache_dir else profile.default_cache_dir()).parent / "trt-engines" \
         if provider == "TensorrtExecutionProvider" else None
     with progress.task("original model", None) as advance:
         session = create_session(prep.loaded.proto, provider, threads, engine_cache)
         inputs = profile.profiling_inputs(prep.loaded, calib)
-        base_timing = profile.time_session(session, inputs, provider, timing or profile.Budget())
+        # as the verified plans are (_verify_cached): a second run judges them against the same figure
+        timed = {"provider": provider, "threads": threads, "cpu": profile.cpu_model(),
+                 "timing": dataclasses.asdict(timing or profile.Budget())}
+        stored = results.get("original timing", timed)
+        base_timing = profile.Timing(**stored) if isinstance(stored, dict) and set(stored) == {"median", "p90", "runs"} \
+            else profile.time_session(session, inputs, provider, timing or profile.Budget())
+        if stored is None:
+            results.put("original timing", timed, dataclasses.asdict(base_timing))
         ref_session = session if provider == "CPUExecutionProvider" else \
             create_session(prep.loaded.proto, "CPUExecutionProvider", threads)
         reference = metrics.outputs(ref_session, evaluation, prep.loaded, output)
@@ -443,18 +462,52 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     ex = _Explored(prep, constraints, provider, threads, mode, metric, output, calib, evaluation, factors,
                    space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget(),
                    session, kept_dense=kept_dense, memory_budget=budget_bytes, calibration=calibration,
-                   statistics={n: r.to_json() for n, r in representations.items()})
+                   statistics={n: r.to_json() for n, r in representations.items()}, results=results)
     if sensitivity is None:     # on by default where the errors are fitted to data
         sensitivity = mode != "plain" and data is not None
     if sensitivity:
         probe = calib.take(0, min(sens.PROBE_SAMPLES, calib.samples))
         probe_reference = metrics.outputs(ref_session, probe, prep.loaded, output)
         total = sum(len(sens.probes(space, n)) for n in space.candidates)
+
+        def drop(name: str, cand) -> float:
+            what = {"layer": name, "spec": cand.spec, "samples": probe.samples, "output": output}
+            value = results.get("probe", what)
+            if value is None:
+                value = 100.0 - _fidelity(ex, {name: cand}, probe, probe_reference)
+                results.put("probe", what, value)
+            return value
+
         with progress.task("layer sensitivity", total) as advance:
-            space.error_scale, ex.sensitivity = sens.error_scales(
-                space, lambda name, cand: 100.0 - _fidelity(ex, {name: cand}, probe, probe_reference),
-                on_probe=advance)
+            space.error_scale, ex.sensitivity = sens.error_scales(space, drop, on_probe=advance)
+    if results.folder is not None:      # timings and results together, least recently used first
+        results_mod.trim(results.folder.parent, cache_limit)
     return ex
+
+
+def cache_info(cache_dir=None) -> dict:
+    """The cache folder (timings, results/ under it) and what it holds."""
+    folder = Path(cache_dir) if cache_dir else profile.default_cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--cache-dir {folder}: not a folder")
+    files = results_mod.entries(folder)
+    held = sum(1 for p in files if p.parent.name == "results")
+    return {"folder": str(folder), "timings": len(files) - held, "results": held, "bytes": results_mod.size(folder)}
+
+
+def cache_clear(cache_dir=None) -> int:
+    """Remove every file of the cache folder; returns how many."""
+    folder = Path(cache_dir) if cache_dir else profile.default_cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--cache-dir {folder}: not a folder")
+    return results_mod.clear(folder)
+
+
+def _results_folder(cache_dir, no_cache: bool) -> Path | None:
+    """Where results.py keeps its entries: beside the profile timings, under results/."""
+    if no_cache:
+        return None
+    return (Path(cache_dir) if cache_dir else profile.default_cache_dir()) / "results"
 
 
 def _pairs(prep: _Prepared, methods, forced: dict, exhaustive: bool) -> list:
@@ -575,6 +628,23 @@ def _rewrite_sequential(prep: _Prepared, factors: space_mod.Factors, plan: Plan,
 AB_ROUNDS = 3
 
 
+def _verify_cached(ex: _Explored, choices: dict) -> search.Verified:
+    """_verify, or what it measured for this plan in an earlier run on the same inputs, machine,
+    provider and timing budget (so a second run reaches the same plan)."""
+    what = {"plan": sorted((n, c.spec) for n, c in choices.items() if not c.is_dense), "calibration": ex.calibration,
+            "provider": ex.provider, "threads": ex.threads, "cpu": profile.cpu_model(),
+            "timing": dataclasses.asdict(ex.timing), "metric": ex.metric, "output": ex.output,
+            "evaluation": ex.evaluation.samples}
+    stored = ex.results.get("verified", what) if ex.results else None
+    if stored is not None:
+        with contextlib.suppress(TypeError):
+            return search.Verified(**stored)
+    verified = _verify(ex, choices)
+    if ex.results:
+        ex.results.put("verified", what, dataclasses.asdict(verified))
+    return verified
+
+
 def _verify(ex: _Explored, choices: dict) -> search.Verified:
     """Build the whole model; time it A/B interleaved with the original; score it on held-out data."""
     plan, new = _build(ex, choices)
@@ -597,7 +667,9 @@ def _report(ex: _Explored, path, status, chosen: dict, verified: search.Verified
     never = sum(1 for c in ex.space.all() if c.latency is None)
     stages = {**ex.space.stage_counts, "timed": ex.measure_stats.timed, "cached": ex.measure_stats.cached,
               "timing_failed": ex.measure_stats.failed, "not_timed_budget": ex.measure_stats.skipped_budget,
-              "never_timed_share": never / grid if grid else 0.0}
+              "never_timed_share": never / grid if grid else 0.0,
+              # layer errors, probes and verified plans an earlier run with the same inputs computed
+              "results_cached": dict(ex.results.hits) if ex.results else {}}
     b = ex.baseline
     params_total = ex.prep.discovery.total_params
     out = {
@@ -654,7 +726,7 @@ def explore(path, prefix, *, latency=None, memory=None, flops=None, max_accuracy
             metric=None, output=None, data=None, provider="cpu", threads=1, factorization=None, calib_samples=128,
             sensitivity=None, time_budget=None, cache_dir=None, no_cache=False, seed=0, layer_specs=None,
             exclude=None, input_shapes=None, force=False, progress: Progress | None = None,
-            timing: profile.Budget | None = None, memory_budget=None, calibration=None) -> Result:
+            timing: profile.Budget | None = None, memory_budget=None, calibration=None, cache_size=None) -> Result:
     """Space, measure and the MILP's choice (estimated, not verified); writes `prefix`.report.* only.
 
     Example: explore("model.onnx", "space", flops="-50%")     # space.report.json, .csv, .md, .pareto.png
@@ -702,7 +774,7 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
              no_cache=False, seed=0, layer_specs=None, exclude=None, input_shapes=None, top_k=0,
              force=False, progress: Progress | None = None, exhaustive: bool = False,
              timing: profile.Budget | None = None, memory_budget=None, calibration=None,
-             max_verifications: int | None = None, methods: list[str] | None = None) -> Result:
+             max_verifications: int | None = None, methods: list[str] | None = None, cache_size=None) -> Result:
     """Find the plan that meets the constraints; with `out`, write the model, plan and reports.
     `methods` limits the passes searched (e.g. ["svd"]; default all, pairs' prune included).
 
@@ -715,7 +787,7 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
 def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
               threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
               layer_specs, exclude, input_shapes, top_k, force, progress, exhaustive, timing,
-              memory_budget, calibration, max_verifications, methods) -> Result:
+              memory_budget, calibration, max_verifications, methods, cache_size) -> Result:
     path = Path(path)
     _check_counts(top_k=top_k)
     paths = report.output_paths(Path(out)) if out is not None else None
@@ -729,14 +801,14 @@ def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective
                   sensitivity=sensitivity, time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache,
                   seed=seed, layer_specs=layer_specs, exclude=exclude, input_shapes=input_shapes,
                   progress=progress or Progress(), exhaustive=exhaustive, timing=timing,
-                  memory_budget=memory_budget, calibration=calibration, methods=methods)
+                  memory_budget=memory_budget, calibration=calibration, methods=methods, cache_size=cache_size)
     limits = search.Limits.resolve(ex.constraints, ex.baseline)
     _check_counts(max_verifications=max_verifications)
     most = search.MAX_VERIFICATIONS if max_verifications is None else max_verifications
     uniform = search.uniform_plans(ex.space, _sizes(ex.prep), ex.baseline, limits, ex.itemsize)
     with (progress or Progress()).task("verifying plans end to end", most + len(uniform)) as advance:
         found = search.choose(ex.space, ex.baseline, limits, ex.constraints.objective, ex.itemsize,
-                              lambda choices: _verify(ex, choices), most, on_step=lambda _: advance(),
+                              lambda choices: _verify_cached(ex, choices), most, on_step=lambda _: advance(),
                               uniform=uniform)
     status = "ok" if found.feasible else "infeasible"
     plan, new = _build(ex, found.choices)

@@ -31,6 +31,9 @@ ShapeOpt = typer.Option(None, "--input-shape", help="NAME:1x128 or NAME:[1,128];
 QuietOpt = typer.Option(False, "--quiet", "-q", help="print only errors")
 ForceOpt = typer.Option(False, "--force", help="overwrite existing output files")
 DebugOpt = typer.Option(False, "--debug", help="show the traceback behind an error")
+CacheSizeOpt = typer.Option(None, "--cache-size", help="cap on the cache folder, e.g. 500MB; least recently "
+                            "used entries go first (default 2GB)")
+CacheDirOpt = typer.Option(None, "--cache-dir", help="the cache folder (default ~/.cache/denseflex-onnx/profiles)")
 BudgetOpt = typer.Option(None, "--memory-budget", help="memory the calibration statistics may hold, e.g. 8GB "
                          "(default: half of the memory available)")
 CalibrationOpt = typer.Option(None, "--calibration", help="independent|sequential: fit each layer on the original "
@@ -208,8 +211,10 @@ def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
                  help="weight each layer's error by its one-layer drop in output fidelity (64 calibration "
                       "samples; default on with --data)"),
              time_budget: Optional[str] = typer.Option(None, help="stop timing new candidates after this, e.g. 10m"),
-             cache_dir: Optional[Path] = typer.Option(None, help="profile cache folder"),
-             no_cache: bool = typer.Option(False, "--no-cache", help="time everything afresh, store nothing"),
+             cache_dir: Optional[Path] = typer.Option(None, help="cache folder: timings, and results/ (default "
+                                                                 "~/.cache/denseflex-onnx/profiles)"),
+             no_cache: bool = typer.Option(False, "--no-cache", help="time and compute everything afresh, store nothing"),
+             cache_size: Optional[str] = CacheSizeOpt,
              seed: int = typer.Option(0, help="seed for random inputs"),
              layer: Optional[List[str]] = typer.Option(None, "--layer", help="NAME=SPEC forces a layer's choice"),
              exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="keep this layer dense"),
@@ -234,7 +239,7 @@ def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
                               layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape),
                               top_k=top_k, force=force, progress=RichProgress(not quiet and not json_out),
                               memory_budget=memory_budget, max_verifications=max_verifications,
-                              calibration=calibration)
+                              calibration=calibration, cache_size=cache_size)
     if json_out:
         summary = {k: result.report[k] for k in ("status", "baseline", "result", "stages", "plan", "misses")
                    if k in result.report}
@@ -285,7 +290,8 @@ def explore(model: Path = typer.Argument(..., help="the .onnx file"),
             calib_samples: int = typer.Option(128),
             sensitivity: Optional[bool] = typer.Option(None, "--sensitivity/--no-sensitivity"),
             time_budget: Optional[str] = typer.Option(None), cache_dir: Optional[Path] = typer.Option(None),
-            no_cache: bool = typer.Option(False, "--no-cache"), seed: int = typer.Option(0),
+            no_cache: bool = typer.Option(False, "--no-cache"), cache_size: Optional[str] = CacheSizeOpt,
+            seed: int = typer.Option(0),
             layer: Optional[List[str]] = typer.Option(None, "--layer"),
             exclude: Optional[List[str]] = typer.Option(None, "--exclude"),
             input_shape: Optional[List[str]] = ShapeOpt, memory_budget: Optional[str] = BudgetOpt,
@@ -300,7 +306,7 @@ def explore(model: Path = typer.Argument(..., help="the .onnx file"),
                              factorization=factorization, calib_samples=calib_samples, sensitivity=sensitivity,
                              time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache, seed=seed,
                              layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape),
-                             memory_budget=memory_budget, calibration=calibration)
+                             memory_budget=memory_budget, calibration=calibration, cache_size=cache_size)
     if not quiet:
         s = result.report["stages"]
         out.print(f"design space: {s['grid']} -> {s['after_saves_nothing']} -> {s['after_dominated']} -> "
@@ -330,6 +336,32 @@ def profile(model: Path = typer.Argument(..., help="the .onnx file"),
         out.print(f"{model}: median {format_seconds(timing['median_s'])}, p90 {format_seconds(timing['p90_s'])} "
                   f"({timing['runs']} runs on {timing['provider']}, {timing['threads']} thread(s), inputs "
                   f"{timing['input_shapes']})")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The cache of timings and results that optimize and explore keep.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info(cache_dir: Optional[Path] = CacheDirOpt, json_out: bool = typer.Option(False, "--json"),
+               debug: bool = DebugOpt):
+    """Where the cache is and what it holds."""
+    with _user_errors(debug):
+        info = api.cache_info(cache_dir)
+    if json_out:
+        print(json.dumps(info))
+        return
+    out.print(f"{info['folder']}: {info['timings']} timings, {info['results']} results, "
+              f"{format_bytes(info['bytes'])}", highlight=False)
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: Optional[Path] = CacheDirOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
+    """Remove everything in the cache (it is rebuilt as runs need it)."""
+    with _user_errors(debug):
+        removed = api.cache_clear(cache_dir)
+    if not quiet:
+        out.print(f"removed {removed} file(s)")
 
 
 def main() -> None:

@@ -54,13 +54,14 @@ def parse_limit(kind: str, text: str | None) -> Limit | None:
     raise UserError(f"--{kind} {text!r}: not understood; use {_EXAMPLES[kind]}")
 
 
-def parse_memory_budget(text: str) -> int:
-    """--memory-budget: bytes the calibration statistics may hold (8GB, 512MiB)."""
+def parse_memory_budget(text: str, flag: str = "--memory-budget") -> int:
+    """--memory-budget (bytes the calibration statistics may hold) or another amount of bytes
+    such as --cache-size: 8GB, 512MiB."""
     t = str(text).strip().replace(" ", "")
     m = re.fullmatch(_NUMBER + r"([a-zA-Z]*)", t)
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _UNITS["memory"] or float(m.group(1)) * _UNITS["memory"][unit] < 1:
-        raise UserError(f"--memory-budget {text!r}: give an amount such as 8GB, 512MiB or 2GiB")
+        raise UserError(f"{flag} {text!r}: give an amount such as 8GB, 512MiB or 2GiB")
     return int(float(m.group(1)) * _UNITS["memory"][unit])
 
 

@@ -96,9 +96,11 @@ def markdown(report: dict) -> str:
               f"Grid {s['grid']} candidates; {s['after_saves_nothing']} after dropping those that save nothing; "
               f"{s['after_dominated']} after dropping Pareto-dominated ones (params, FLOPs, error); "
               f"{s.get('after_timing', '-')} after timing. {s.get('timed', 0)} timed in this run, "
-              f"{s.get('cached', 0)} from the cache; {100 * s.get('never_timed_share', 0):.1f}% of the grid never timed.",
+              f"{s.get('cached', 0)} from the cache; {100 * s.get('never_timed_share', 0):.1f}% of the grid never timed."
+              + _results_line(s.get("results_cached") or {}),
               "", "## Layers", "",
-              "Layer error: the relative output error estimated on the calibration samples; held out: measured "
+              "Layer error: the relative output error estimated on calibration samples the layer's fit did not "
+              "see (data-aware modes: fitted on every other one, measured on the rest); held out: measured "
               "on the evaluation samples, each layer alone on the original model's inputs (a pruned pair: its "
               "consumer's output).", "",
               "| layer | choice | params | FLOPs | layer error | held out | latency (ms) |",
@@ -184,3 +186,10 @@ def pareto_png(path: Path, report: dict) -> None:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _results_line(hits: dict) -> str:
+    """What came from the results cache (an earlier run with the same inputs), if anything."""
+    names = {"errors": "layers' candidate errors", "probe": "sensitivity probes", "verified": "verified plans"}
+    parts = [f"{n} {names.get(kind, kind)}" for kind, n in sorted(hits.items()) if n]
+    return f" From the results cache: {', '.join(parts)}." if parts else ""

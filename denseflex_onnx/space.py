@@ -153,6 +153,11 @@ def largest_rank(layer: Layer, methods: list[str] | None = None) -> int:
     return max((c.choice.config.get("rank", 0) for c in grid(layer, methods)[1:]), default=0)
 
 
+def grid_rank(layer: Layer, method: str) -> int:
+    """The largest rank the method's candidates take on this layer (0 if none)."""
+    return max((c.choice.config.get("rank", 0) for c in grid(layer, [method])[1:]), default=0)
+
+
 class Factors:
     """Factors and layer errors for one run, computing each decomposition once.
 
@@ -171,6 +176,7 @@ class Factors:
         self.mode = mode
         self.held_out = held_out or {}
         self._decompositions: dict[tuple[str, str], object] = {}
+        self._grid_ranks: dict[tuple[str, str], int] = {}
         self._references: dict[str, float] = {}
         self._fit_stats: dict[str, object] = {}
         self._score_stats: dict[str, object] = {}
@@ -198,7 +204,16 @@ class Factors:
         return self.mode != "plain" and layer.side != "left"
 
     def decomposition(self, layer: Layer, method: str, max_rank: int | None = None):
-        """The cached decomposition; computed again only when a higher rank is asked of a partial one."""
+        """The cached decomposition; computed again only when a higher rank is asked of a partial one.
+
+        A partial one always holds at least the largest rank of the method's grid (a randomized SVD's
+        leading triplets depend on how many were asked for): the factors of a rank are then the same
+        whatever was asked before, so a run that reuses cached results, and `apply --plan`, write
+        the same bytes."""
+        if max_rank is not None:
+            if (layer.name, method) not in self._grid_ranks:
+                self._grid_ranks[layer.name, method] = grid_rank(layer, method)
+            max_rank = max(max_rank, self._grid_ranks[layer.name, method])
         key = (layer.name, method)
         cached = self._decompositions.get(key)
         if key not in self._decompositions or (cached is not None and max_rank is not None
@@ -336,17 +351,21 @@ def as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
 
 def build(layers: list[Layer], factors: Factors, methods: list[str] | None = None,
           forced: dict[str, Choice] | None = None, on_layer=None, prune: bool = True,
-          kept_dense: dict[str, str] | None = None, pairs: list | None = None) -> Space:
+          kept_dense: dict[str, str] | None = None, pairs: list | None = None,
+          known_errors: dict[str, dict[str, float]] | None = None) -> Space:
     """Grid, stage 1, layer errors, stage 2. Forced layers (`--layer`, `--exclude`) get one candidate;
     `kept_dense` layers (cannot_pay_off) their whole grid, dropped unscored with the reason.
     `pairs` (pairs.Pair, none of whose layers is forced) add their prune candidates to their
     producer's list: a pair is one choice, whether or not its layers could pay off alone.
+    `known_errors`: per layer (a pair: its producer), errors by spec that an earlier run with the
+    same inputs computed (results.py); a layer whose candidates are all known is not decomposed.
 
     `prune=False` keeps the whole grid (every candidate gets timed): the exhaustive
     reference the pruned search is checked against.
     """
     forced = forced or {}
     kept_dense = kept_dense or {}
+    known_errors = known_errors or {}
     by_producer = {p.name: p for p in pairs or []}
     space = Space({})
     counts = {"grid": 0, "after_saves_nothing": 0, "after_dominated": 0}
@@ -364,7 +383,7 @@ def build(layers: list[Layer], factors: Factors, methods: list[str] | None = Non
                     c.dropped = f"{CANNOT_PAY_OFF} ({kept_dense[layer.name]})"
             else:
                 _score(layer.name, cands, lambda c, ranks: factors.error(layer, c.choice, ranks.get(c.choice.method)),
-                       (layer.params, layer.flops), prune, counts)
+                       (layer.params, layer.flops), prune, counts, known_errors.get(layer.name, {}))
                 factors.release(layer)
             counts["after_saves_nothing"] += 1 if layer.name in kept_dense else 0
             counts["after_dominated"] += 1 if layer.name in kept_dense else 0
@@ -377,7 +396,7 @@ def build(layers: list[Layer], factors: Factors, methods: list[str] | None = Non
         cands = pair_grid(pair)
         counts["grid"] += len(cands)
         _score(pair.name, cands, lambda c, _: factors.pair_error(pair, c.choice), (pair.params, pair.flops),
-               prune, counts)
+               prune, counts, known_errors.get(pair.name, {}))
         factors.release(pair.producer)
         space.candidates[pair.name].extend(cands)
     space.stage_counts = counts
@@ -400,11 +419,12 @@ def _forced_candidates(layer: Layer, choice: Choice, factors: Factors, pair) -> 
 
 
 def _score(name: str, cands: list[Candidate], error_of, dense_cost: tuple[int, int], prune: bool,
-           counts: dict) -> None:
+           counts: dict, known: dict[str, float]) -> None:
     """Stage 1 (saves nothing), the errors of what is left, stage 2 (dominated) on one list:
     a layer's grid (dense first) or a pair's candidates (compared among themselves).
     `error_of(candidate, max_ranks)`: max_ranks is the highest rank each SVD-family method
-    needs here, so one partial decomposition serves them all."""
+    needs here, so one partial decomposition serves them all; `known` errors by spec are taken
+    as they are."""
     params, flops = dense_cost
     for c in cands:
         if not c.is_dense and prune and c.params >= params and c.flops >= flops:
@@ -416,7 +436,7 @@ def _score(name: str, cands: list[Candidate], error_of, dense_cost: tuple[int, i
         with about_layer(name):
             for c in alive:
                 if not c.is_dense:
-                    c.error = error_of(c, ranks)
+                    c.error = known[c.spec] if c.spec in known else error_of(c, ranks)
     except (MemoryError, np.linalg.LinAlgError) as exc:    # this layer's weights or data: not the run
         log.warning("%s: its candidates could not be scored (%s: %s); kept dense (--exclude %s "
                     "skips it; --memory-budget if memory ran out)", name, type(exc).__name__,

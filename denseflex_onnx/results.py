@@ -1,0 +1,138 @@
+"""Results cache: what a run computed that the same inputs would compute again.
+
+Layer-candidate errors, sensitivity probes and verified plans are pure functions of the model,
+the data, the options that shape them and this package's code, and they are what a second run
+of `optimize` spends its minutes on (MiniLM-L6: 47 s of errors, 65 s of probes, 25 s of
+verifications in a 170 s run). Each is stored as one JSON file named by the sha256 of its key,
+the key material stored beside the value: an entry whose stored key is not the one asked for
+(a hash collision, another tool's file), or that does not parse (a truncated write from a killed
+run), is recomputed with a warning, never trusted. Writes are atomic (a reader never sees half a
+file), so runs sharing a folder only ever race to write the same value.
+
+The folder is capped (`--cache-size`, default 2 GB, with the profile timings beside it):
+`trim` removes the least recently used entries (reads refresh a file's time) until it fits.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from .model import atomic_write_bytes
+
+log = logging.getLogger("denseflex_onnx")
+
+DEFAULT_SIZE = 2 << 30
+FORMAT = 1
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of this package's and the passes' sources: a result computed by other code is
+    another result (a version number does not change between a developer's edits)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("*.py"), *(root.parent / "passes").glob("*.py")]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class Results:
+    """JSON values on disk under `folder`, keyed by `context` (what every entry of the run shares)
+    plus what each one is; `None` folder: nothing is stored or read. `hits` counts reads served,
+    by kind."""
+
+    def __init__(self, folder: Path | None, context: dict):
+        self.folder = folder
+        self.context = {**context, "format": FORMAT, "code": code_digest()}
+        self.hits: dict[str, int] = {}
+
+    def _key(self, kind: str, what: dict) -> dict:
+        return {"kind": kind, **self.context, **what}
+
+    def _path(self, key: dict) -> Path:
+        text = json.dumps(key, sort_keys=True, default=str)
+        return self.folder / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
+
+    def get(self, kind: str, what: dict):
+        """The stored value, or None (absent, unreadable or foreign: then computed again)."""
+        if self.folder is None:
+            return None
+        key = self._key(kind, what)
+        path = self._path(key)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("results cache: %s is unreadable (%s); computing it again", path, type(exc).__name__)
+            return None
+        if not isinstance(data, dict) or data.get("key") != json.loads(json.dumps(key, default=str)):
+            log.warning("results cache: %s holds another entry than its name says; computing it again", path)
+            return None
+        try:
+            os.utime(path)               # recently used: the last to be trimmed
+        except OSError:
+            pass
+        self.hits[kind] = self.hits.get(kind, 0) + 1
+        return data["value"]
+
+    def put(self, kind: str, what: dict, value) -> None:
+        if self.folder is None:
+            return
+        key = self._key(kind, what)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self._path(key), json.dumps({"key": key, "value": value}, default=str).encode())
+
+
+def entries(folder: Path) -> list[Path]:
+    """The cache's files (timings in `folder`, results in folder/results), temporary ones left by
+    a killed write included; nothing else, so a mistyped --cache-dir loses no one's files."""
+    out = []
+    for where in (folder, folder / "results"):
+        if where.is_dir():
+            out += [p for pattern in ("*.json", ".*.tmp") for p in where.glob(pattern) if p.is_file()]
+    return out
+
+
+def size(folder: Path) -> int:
+    return sum(_stat_size(p) for p in entries(folder))
+
+
+def trim(folder: Path, limit: int) -> int:
+    """Remove the least recently used files until the folder holds at most `limit` bytes;
+    returns how many were removed. Files another run removes meanwhile are skipped."""
+    files = []
+    for p in entries(folder):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        files.append((st.st_mtime, st.st_size, p))
+    total = sum(s for _, s, _ in files)
+    removed = 0
+    for _, s, p in sorted(files, key=lambda f: f[0]):
+        if total <= limit:
+            break
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        total -= s
+        removed += 1
+    return removed
+
+
+def clear(folder: Path) -> int:
+    return trim(folder, -1)
+
+
+def _stat_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,132 @@
+"""The results cache (results.py): entries, damaged and foreign ones, the size cap, and a second
+optimize that reuses what the first computed and reaches the same model."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import denseflex_onnx
+from denseflex_onnx import results
+from denseflex_onnx.profile import Budget
+
+ROOT = Path(__file__).resolve().parent.parent
+MLP, MLP_DATA = ROOT / "models/mnist_mlp.onnx", ROOT / "models/mnist_mlp_val.npz"
+FAST = Budget(min_runs=3, max_runs=15, max_seconds=0.02)
+
+
+def test_a_value_comes_back_only_for_its_own_key(tmp_path):
+    store = results.Results(tmp_path, {"model": "abc"})
+    store.put("errors", {"layer": "fc"}, {"svd:8": 0.25})
+    assert store.get("errors", {"layer": "fc"}) == {"svd:8": 0.25}
+    assert store.get("errors", {"layer": "fc2"}) is None
+    assert results.Results(tmp_path, {"model": "abd"}).get("errors", {"layer": "fc"}) is None
+    assert store.hits == {"errors": 1}
+    assert results.Results(None, {}).get("errors", {"layer": "fc"}) is None      # no folder: nothing kept
+
+
+def test_a_truncated_or_foreign_entry_is_not_trusted(tmp_path, caplog):
+    store = results.Results(tmp_path, {"model": "abc"})
+    store.put("errors", {"layer": "a"}, {"svd:8": 0.25})
+    store.put("errors", {"layer": "b"}, {"svd:8": 0.5})
+    path_a, path_b = sorted(tmp_path.glob("*.json"), key=lambda p: json.loads(p.read_text())["key"]["layer"])
+    path_a.write_bytes(path_a.read_bytes()[:20])                     # a write cut short
+    path_b.write_text(json.dumps({"key": {"kind": "errors", "layer": "z"}, "value": {"svd:8": 9.0}}))
+    with caplog.at_level(logging.WARNING, logger="denseflex_onnx"):
+        assert store.get("errors", {"layer": "a"}) is None
+        assert store.get("errors", {"layer": "b"}) is None
+    assert "unreadable" in caplog.text and "another entry" in caplog.text
+    store.put("errors", {"layer": "a"}, {"svd:8": 0.25})               # computed again, stored again
+    assert store.get("errors", {"layer": "a"}) == {"svd:8": 0.25}
+
+
+def test_trim_removes_the_least_recently_used_and_nothing_that_is_not_the_cache(tmp_path):
+    (tmp_path / "results").mkdir()
+    mine = tmp_path / "notes.txt"
+    mine.write_text("not the cache's")
+    paths = []
+    for i in range(4):
+        p = tmp_path / "results" / f"{i}.json"
+        p.write_bytes(b"x" * 1000)
+        os.utime(p, (1000 + i, 1000 + i))
+        paths.append(p)
+    os.utime(paths[0], (5000, 5000))                   # read lately: kept longest
+    assert results.trim(tmp_path, 2500) == 2
+    assert [p.exists() for p in paths] == [True, False, False, True]
+    assert results.clear(tmp_path) == 2
+    assert mine.exists()
+
+
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory):
+    """optimize on the bundled MLP with data, twice, one cache folder."""
+    tmp = tmp_path_factory.mktemp("twice")
+    options = dict(latency="-30%", max_accuracy_drop=1, data=MLP_DATA, cache_dir=tmp / "cache", timing=FAST)
+    first = denseflex_onnx.optimize(MLP, tmp / "a.onnx", **options)
+    second = denseflex_onnx.optimize(MLP, tmp / "b.onnx", **options)
+    return tmp, options, first, second
+
+
+def test_a_second_run_reuses_errors_probes_and_verifications_and_gives_the_same_model(twice):
+    tmp, _, first, second = twice
+    assert first.report["stages"]["results_cached"] == {}
+    hits = second.report["stages"]["results_cached"]
+    scored = sum(1 for n, cands in _by_layer(first.report).items() if any(c["error"] for c in cands))
+    assert hits["errors"] >= scored > 0
+    assert hits["probe"] == sum(len(p["probes"]) for p in first.report["sensitivity"].values()) > 0
+    assert hits["verified"] == len(first.report["verifications"]) > 0
+    assert second.report["verifications"] == first.report["verifications"]
+    assert second.plan.to_json()["layers"] == first.plan.to_json()["layers"]
+    assert (tmp / "b.onnx").read_bytes() == (tmp / "a.onnx").read_bytes()
+    # and the plan re-applied gives those bytes too: a factorization does not depend on what the
+    # run computed before it
+    denseflex_onnx.apply(MLP, tmp / "again.onnx", plan_path=tmp / "a.plan.json", data=MLP_DATA)
+    assert (tmp / "again.onnx").read_bytes() == (tmp / "a.onnx").read_bytes()
+
+
+def test_damaged_entries_are_recomputed_to_the_same_plan(twice, tmp_path, caplog):
+    tmp, options, first, _ = twice
+    cache = tmp_path / "cache"
+    subprocess.run(["cp", "-r", str(options["cache_dir"]), str(cache)], check=True)
+    for p in sorted((cache / "results").glob("*.json"))[::2]:
+        p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    with caplog.at_level(logging.WARNING, logger="denseflex_onnx"):
+        third = denseflex_onnx.optimize(MLP, tmp_path / "c.onnx", **{**options, "cache_dir": cache})
+    assert "unreadable" in caplog.text
+    assert third.plan.to_json()["layers"] == first.plan.to_json()["layers"]
+    assert (tmp_path / "c.onnx").read_bytes() == (tmp / "a.onnx").read_bytes()
+
+
+def test_cache_info_and_clear(twice, tmp_path):
+    tmp, options, _, _ = twice
+    cache = tmp_path / "cache"
+    subprocess.run(["cp", "-r", str(options["cache_dir"]), str(cache)], check=True)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "denseflex_onnx.cli", "cache", *a, "--cache-dir", str(cache)],
+                                    capture_output=True, text=True)
+    info = json.loads(run("info", "--json").stdout)
+    assert info["timings"] == len(list(cache.glob("*.json"))) > 0
+    assert info["results"] == len(list((cache / "results").glob("*.json"))) > 0
+    assert info["bytes"] == sum(p.stat().st_size for p in [*cache.glob("*.json"), *(cache / "results").glob("*.json")])
+    r = run("clear")
+    assert r.returncode == 0 and f"removed {info['timings'] + info['results']}" in r.stdout
+    assert json.loads(run("info", "--json").stdout)["bytes"] == 0
+
+
+def _by_layer(report):
+    out = {}
+    for c in report["candidates"]:
+        if c["method"] != "dense":
+            out.setdefault(c["layer"], []).append(c)
+    return out
+
+
+def test_a_bad_cache_size_is_one_clear_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "denseflex_onnx.cli", "optimize", str(MLP), "-o", str(tmp_path / "o.onnx"),
+                        "--latency", "-30%", "--cache-size", "lots", "--cache-dir", str(tmp_path / "c")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "--cache-size 'lots'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("o*"))
