@@ -43,6 +43,7 @@ import numpy as np
 import denseflex_onnx
 from denseflex_onnx import profile
 from denseflex_onnx.runtime import create_session
+from denseflex_onnx.plan import Choice
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"
@@ -213,12 +214,11 @@ def plan_text(layers: dict, total_layers: int) -> str:
 
 
 def _spec(entry: dict) -> str:
+    """A plan.json entry as its method spec (svd:64, prune:960, tt and conv_tt by their bond ranks)."""
     c = entry["config"]
-    if entry["method"] in ("svd", "conv_svd"):
-        return f"{entry['method']}:{c['rank']}"
-    if entry["method"] == "conv_tt":
-        return "conv_tt:" + "x".join(str(r) for r in c["ranks"])
-    return "tt:" + "x".join(str(r) for r in c["ranks"])
+    if entry["method"] in ("tt", "conv_tt"):
+        return f"{entry['method']}:" + "x".join(str(r) for r in c["ranks"])
+    return Choice(entry["method"], c).spec
 
 
 def heldout_layer_error(key: str, plan: dict, mode: str) -> float:
