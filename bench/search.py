@@ -211,12 +211,14 @@ def plan_diff(a: dict, b: dict) -> str:
 
 
 def spec(entry: dict | None) -> str:
+    """A plan.json entry as its spec (svd:64, prune:960; tt by its bond ranks)."""
     if entry is None:
         return "dense"
     c = entry["config"]
-    if "rank" in c:
-        return f"{entry['method']}:{c['rank']}"
-    return f"{entry['method']}:" + "x".join(str(r) for r in c["ranks"])
+    if "ranks" in c:
+        return f"{entry['method']}:" + "x".join(str(r) for r in c["ranks"])
+    key = next(iter(c), None)
+    return f"{entry['method']}:{c[key]}" if key else entry["method"]
 
 
 def render(b: Bench, elapsed: float, load: tuple) -> tuple[str, list[dict]]:
