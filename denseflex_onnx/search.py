@@ -324,17 +324,24 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
     if best is not None:
         return SearchResult(True, best.choices, best.verified, {}, steps, space.method_scale)
     # nothing met every limit: the verified plan that missed least, among those that keep the
-    # accuracy if any does (a faster model that lost its accuracy is no one's closest plan)
-    if steps:
+    # accuracy (a faster model that lost its accuracy is no one's closest plan)
+    relaxable = any(x is not None for x in (limits.latency, limits.bytes, limits.flops))
+    if any("accuracy drop" not in s.misses for s in steps) or (steps and not relaxable):
         nearest = min(steps, key=lambda s: ("accuracy drop" in s.misses, _miss_score(s.misses)))
         return SearchResult(False, nearest.choices, nearest.verified, nearest.misses, steps, space.method_scale)
-    # no plan even fits the estimates: the closest is the one that gets nearest the limits no plan
-    # meets while keeping the accuracy limit, i.e. the same search with those limits as objective
+    if not relaxable:                   # nothing verified, and no limit to relax
+        return SearchResult(False, {}, None, {"constraints": (1.0, 0.0)}, steps, space.method_scale)
+    # none fits the estimates, or every one verified lost the accuracy: the closest is the plan that
+    # gets nearest the limits no plan meets while keeping the accuracy limit, i.e. the same search
+    # with those limits as objective (with half the verifications where some were spent already)
     near = "latency" if limits.latency is not None else "memory" if limits.bytes is not None else "flops"
     relaxed = choose(space, baseline, Limits(None, None, None, limits.accuracy_drop), near, itemsize, verify,
-                     max_verifications, on_step)
+                     max(1, max_verifications // 2) if steps else max_verifications, on_step)
     for step in relaxed.steps:          # judged by the real limits, not the relaxed ones
         step.misses = misses(step.verified, baseline, limits)
+    if steps:
+        earlier = SearchResult(False, None, None, {}, steps, space.method_scale)
+        return _closest(earlier, relaxed, objective)
     met = [s for s in relaxed.steps if not s.misses]
     if met:
         # the layer sums said no plan fits, the whole model measured says these do (per-layer
@@ -344,6 +351,19 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
     missed = misses(relaxed.verified, baseline, limits) if relaxed.verified else {}
     return SearchResult(False, relaxed.choices, relaxed.verified, missed or {"constraints": (1.0, 0.0)},
                         relaxed.steps)
+
+
+def _closest(earlier: SearchResult, relaxed: SearchResult, objective: str) -> SearchResult:
+    """After a relaxed search that followed verified plans which all lost the accuracy: every
+    plan verified, and the one that meets every limit (best objective) or else misses least,
+    those keeping the accuracy first."""
+    steps = earlier.steps + relaxed.steps
+    met = [s for s in steps if not s.misses]
+    if met:
+        best = min(met, key=lambda s: _objective(s, objective))
+        return SearchResult(True, best.choices, best.verified, {}, steps, earlier.method_scale)
+    nearest = min(steps, key=lambda s: ("accuracy drop" in s.misses, _miss_score(s.misses)))
+    return SearchResult(False, nearest.choices, nearest.verified, nearest.misses, steps, earlier.method_scale)
 
 
 AIM = 0.9               # of --max-accuracy-drop: where the next budget is aimed, a little inside

@@ -7,7 +7,7 @@ import pytest
 
 from denseflex_onnx.constraints import Constraints
 from denseflex_onnx.plan import DENSE, Choice
-from denseflex_onnx.search import ERROR_FLOOR, Baseline, Limits, Verified, choose, estimate, misses, solve
+from denseflex_onnx.search import ERROR_FLOOR, MAX_VERIFICATIONS, Baseline, Limits, Verified, choose, estimate, misses, solve
 from denseflex_onnx.space import Candidate, Space, dominated
 
 
@@ -385,7 +385,8 @@ def test_measured_uniform_plans_correct_how_pruning_is_weighed_and_aim_the_first
 def test_a_budget_below_what_the_limits_allow_jumps_to_the_least_error_plan(seed):
     """When the error budget is tighter than any plan within the limits allows, the next plan
     verified is the one with the least summed error within them (brute force), not a plan from
-    the middle of the budget range; then, nothing better being estimated, the search stops."""
+    the middle of the budget range; then, nothing better being estimated, the search stops, and
+    since that plan lost the accuracy the closest plan is one that keeps it, nearer the limit."""
     rng = np.random.default_rng(200 + seed)
     space = random_space(rng, layers=3, per_layer=4)
     for cands in space.candidates.values():
@@ -405,4 +406,9 @@ def test_a_budget_below_what_the_limits_allow_jumps_to_the_least_error_plan(seed
     result = choose(space, baseline, limits, "latency", itemsize, verify)
     assert not result.feasible
     assert result.steps[0].estimate.error == pytest.approx(least_error, rel=1e-9)
-    assert len(result.steps) == 1
+    assert "accuracy drop" in result.steps[0].misses
+    # then the relaxed search (FLOPs as the objective, no limit): half the verifications
+    assert 2 <= len(result.steps) <= 1 + MAX_VERIFICATIONS // 2
+    assert "accuracy drop" not in result.misses and "flops" in result.misses
+    kept = [s for s in result.steps if "accuracy drop" not in s.misses]
+    assert result.verified.flops == min(s.verified.flops for s in kept)
