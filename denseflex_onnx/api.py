@@ -432,8 +432,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
         session = create_session(prep.loaded.proto, provider, threads, engine_cache)
         inputs = profile.profiling_inputs(prep.loaded, calib)
         # as the verified plans are (_verify_cached): a second run judges them against the same figure
-        timed = {"provider": provider, "threads": threads, "cpu": profile.cpu_model(),
-                 "timing": dataclasses.asdict(timing or profile.Budget())}
+        timed = _measured_on(provider, threads, timing or profile.Budget())
         stored = results.get("original timing", timed)
         base_timing = profile.Timing(**stored) if isinstance(stored, dict) and set(stored) == {"median", "p90", "runs"} \
             else profile.time_session(session, inputs, provider, timing or profile.Budget())
@@ -485,11 +484,21 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     return ex
 
 
-def cache_info(cache_dir=None) -> dict:
-    """The cache folder (timings, results/ under it) and what it holds."""
+def _measured_on(provider: str, threads: int, timing: profile.Budget) -> dict:
+    """What a cached measurement depends on besides the model: where and how it was timed."""
+    return {"provider": provider, "threads": threads, "cpu": profile.cpu_model(), "timing": dataclasses.asdict(timing)}
+
+
+def _cache_folder(cache_dir) -> Path:
     folder = Path(cache_dir) if cache_dir else profile.default_cache_dir()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--cache-dir {folder}: not a folder")
+    return folder
+
+
+def cache_info(cache_dir=None) -> dict:
+    """The cache folder (timings, results/ under it) and what it holds."""
+    folder = _cache_folder(cache_dir)
     files = results_mod.entries(folder)
     held = sum(1 for p in files if p.parent.name == "results")
     return {"folder": str(folder), "timings": len(files) - held, "results": held, "bytes": results_mod.size(folder)}
@@ -497,10 +506,7 @@ def cache_info(cache_dir=None) -> dict:
 
 def cache_clear(cache_dir=None) -> int:
     """Remove every file of the cache folder; returns how many."""
-    folder = Path(cache_dir) if cache_dir else profile.default_cache_dir()
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--cache-dir {folder}: not a folder")
-    return results_mod.clear(folder)
+    return results_mod.clear(_cache_folder(cache_dir))
 
 
 def _results_folder(cache_dir, no_cache: bool) -> Path | None:
@@ -632,8 +638,7 @@ def _verify_cached(ex: _Explored, choices: dict) -> search.Verified:
     """_verify, or what it measured for this plan in an earlier run on the same inputs, machine,
     provider and timing budget (so a second run reaches the same plan)."""
     what = {"plan": sorted((n, c.spec) for n, c in choices.items() if not c.is_dense), "calibration": ex.calibration,
-            "provider": ex.provider, "threads": ex.threads, "cpu": profile.cpu_model(),
-            "timing": dataclasses.asdict(ex.timing), "metric": ex.metric, "output": ex.output,
+            **_measured_on(ex.provider, ex.threads, ex.timing), "metric": ex.metric, "output": ex.output,
             "evaluation": ex.evaluation.samples}
     stored = ex.results.get("verified", what) if ex.results else None
     if stored is not None:
