@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -161,41 +162,58 @@ def _cannot_pay_off(prep: _Prepared, forced: dict, methods) -> dict[str, str]:
     return out
 
 
-def _statistics(prep: _Prepared, calib, forced: dict, methods, budget: int, threads: int,
-                progress: Progress, pairs: list = (), score_apart: bool = False):
-    """Calibration statistics of the layers that may be rewritten and of the consumers of the
-    pairs that may be pruned, each kept as the memory budget allows; a layer left without them
-    is fitted plainly, with a warning naming it. Returns (statistics plans are fitted on, those
-    candidates are fitted on to be scored, those they are scored on, representations).
-
-    score_apart: layers whose X^T X is kept whole are collected on two halves of the samples
-    (calibrate.scoring_parts), candidates fitted on one and scored on the other, plans fitted on
-    both; each half holds a copy, so each gets half the memory budget. Otherwise the first two
-    are the same statistics and none are held out."""
+def _statistics_plan(prep: _Prepared, forced: dict, methods, budget: int, pairs: list = (),
+                     score_apart: bool = False) -> tuple[list, dict]:
+    """The layers that need calibration statistics (those that may be rewritten, and the
+    consumers of the pairs that may be pruned) and how each is kept within the memory budget
+    (calibrate.plan_statistics); with score_apart the X^T X kept whole is held twice (two
+    halves of the samples), so each half gets half the budget."""
     refitted = {c.consumer for c in forced.values() if c.consumer} | {p.consumer.name for p in pairs}
     wanted = [l for n, l in prep.layers.items() if n not in forced or forced[n].method != "dense" or n in refitted]
-    parts = calibrate.scoring_parts(calib) if score_apart else None
     representations = calibrate.plan_statistics(
-        [l for l in wanted if not l.scope], budget // 2 if parts else budget,
+        [l for l in wanted if not l.scope], budget // 2 if score_apart else budget,
         {l.name: space_mod.largest_rank(l, methods) for l in wanted})
     for name, r in representations.items():
         if r.kind == "none":
             log.warning("%s: no calibration statistics (%s); --memory-budget raises the limit", name, r.why)
+    return wanted, representations
+
+
+def _statistics(prep: _Prepared, calib, wanted: list, representations: dict, budget: int, threads: int,
+                progress: Progress, results: results_mod.Results, score_apart: bool = False):
+    """Calibration statistics of the `wanted` layers, kept as `representations` says; a layer
+    left without them is fitted plainly, with a warning naming it. Returns (statistics plans are
+    fitted on, those candidates are fitted on to be scored, those they are scored on).
+
+    score_apart: layers whose X^T X is kept whole are collected on two halves of the samples
+    (calibrate.scoring_parts), candidates fitted on one and scored on the other, plans fitted on
+    both; each half holds a copy. Otherwise the first two are the same statistics and none are
+    held out. What an earlier run with the same inputs collected comes from `results`."""
+    parts = calibrate.scoring_parts(calib) if score_apart else None
     whole = [l for l in wanted if parts is None or representations.get(l.name, calibrate.FULL).kind != "full"]
     apart = [l for l in wanted if l not in whole]
     size, _ = data_mod.batching(prep.loaded, calib.fixed)
-    runs = [(whole, calib)] * bool(whole) + ([(apart, part) for part in parts] if apart else [])
-    chunks = sum(math.ceil(data.samples / size) for _, data in runs)
+    runs = [(whole, calib, "all")] * bool(whole) + \
+        ([(apart, part, which) for part, which in zip(parts, ("even", "odd"))] if apart else [])
+    stored = [results.get_arrays("statistics", {"layers": [l.name for l in layers], "samples": which})
+              for layers, _, which in runs]
+    chunks = sum(math.ceil(data.samples / size) for (_, data, _), kept in zip(runs, stored) if kept is None)
     collected = []
     with progress.task(f"calibration activations (memory budget {format_bytes(budget)})", chunks) as advance:
-        for layers, data in runs:
-            collected.append(calibrate.collect(prep.loaded, layers, data, provider="CPUExecutionProvider",
-                                               threads=threads, on_chunk=advance, representations=representations))
+        for (layers, data, which), kept in zip(runs, stored):
+            if kept is not None:
+                collected.append(calibrate.stats_from_arrays(kept))
+                continue
+            stats = calibrate.collect(prep.loaded, layers, data, provider="CPUExecutionProvider",
+                                      threads=threads, on_chunk=advance, representations=representations)
+            results.put_arrays("statistics", {"layers": [l.name for l in layers], "samples": which},
+                               calibrate.stats_to_arrays(stats))
+            collected.append(stats)
     rest = collected[0] if whole else {}
     if not apart:
-        return rest, rest, {}, representations
+        return rest, rest, {}
     fitted, held_out = collected[-2:]
-    return calibrate.Pooled(fitted, held_out, rest), {**rest, **fitted}, held_out, representations
+    return calibrate.Pooled(fitted, held_out, rest), {**rest, **fitted}, held_out
 
 
 def _forced(prep: _Prepared, layer_specs, exclude) -> dict[str, Choice]:
@@ -280,8 +298,10 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
         # data-aware plans fit each layer, and a pruned pair's consumer, on its input statistics
         wanted = set() if mode == "plain" else {c.consumer or n for n, c in plan.rewritten().items()}
         if wanted:
-            stats, *_ = _statistics(prep, calib, {n: DENSE for n in prep.layers if n not in wanted},
-                                   None, budget_bytes, 1, Progress())
+            layers, representations = _statistics_plan(prep, {n: DENSE for n in prep.layers if n not in wanted},
+                                                       None, budget_bytes)
+            stats, *_ = _statistics(prep, calib, layers, representations, budget_bytes, 1, Progress(),
+                                    results_mod.Results(None, {}))
     new = _rewrite(prep, space_mod.Factors(prep.layers, stats, mode), plan, calib)
     files = model_mod.write_model(new, out, external=prep.loaded.external_data)
     summary = _summary(prep, plan, new)
@@ -371,7 +391,7 @@ class _Explored:
     itemsize: dict[str, int]
     engine_cache: Path | None
     timing: profile.Budget
-    original: object                                  # the original model's session on the provider
+    original: Callable                                # opens (once) the original model's session on the provider
     sensitivity: dict = field(default_factory=dict)   # layer -> [{spec, error, drop}] probed
     kept_dense: dict = field(default_factory=dict)    # layer -> why it was never factorized
     statistics: dict = field(default_factory=dict)    # layer -> how its input statistics were kept
@@ -406,17 +426,19 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     kept_dense = {} if exhaustive else _cannot_pay_off(prep, forced, methods)
     layers = list(prep.layers.values())
     pairs = _pairs(prep, methods, forced, exhaustive)
-    stats, scoring, held_out, representations = _statistics(
-        prep, calib, {**forced, **{n: DENSE for n in kept_dense}}, methods, budget_bytes, threads, progress, pairs,
-        score_apart=mode != "plain")
-    # candidates are fitted on half the calibration samples and scored on the other half; the
-    # plans that are built are fitted on all of them
-    scored = space_mod.Factors(prep.layers, scoring, mode, held_out)
-    factors = space_mod.Factors(prep.layers, stats, mode) if held_out else scored
+    score_apart = mode != "plain" and calibrate.scoring_parts(calib) is not None
+    wanted, representations = _statistics_plan(prep, {**forced, **{n: DENSE for n in kept_dense}}, methods,
+                                               budget_bytes, pairs, score_apart)
     results = results_mod.Results(_results_folder(cache_dir, no_cache), {
         "model": prep.loaded.sha256, "data": None if data is None else model_mod.sha256_file(Path(data)),
         "calib_samples": calib.samples, "seed": seed, "input_shapes": prep.loaded.input_shapes,
         "factorization": mode, "statistics": {n: r.to_json() for n, r in representations.items()}})
+    stats, scoring, held_out = _statistics(prep, calib, wanted, representations, budget_bytes, threads, progress,
+                                           results, score_apart)
+    # candidates are fitted on half the calibration samples and scored on the other half; the
+    # plans that are built are fitted on all of them
+    scored = space_mod.Factors(prep.layers, scoring, mode, held_out)
+    factors = space_mod.Factors(prep.layers, stats, mode) if held_out else scored
     known = {n: results.get("errors", {"layer": n}) or {} for n in prep.layers}
     with progress.task("decomposition and layer errors", len(layers)) as advance:
         space = space_mod.build(layers, scored, methods, forced, on_layer=lambda _: advance(),
@@ -428,19 +450,20 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
 
     engine_cache = (Path(cache_dir) if cache_dir else profile.default_cache_dir()).parent / "trt-engines" \
         if provider == "TensorrtExecutionProvider" else None
+    # sessions of the original, opened when first needed: a warm run may need neither
+    session = functools.cache(lambda: create_session(prep.loaded.proto, provider, threads, engine_cache))
+    ref_session = session if provider == "CPUExecutionProvider" else \
+        functools.cache(lambda: create_session(prep.loaded.proto, "CPUExecutionProvider", threads))
     with progress.task("original model", None) as advance:
-        session = create_session(prep.loaded.proto, provider, threads, engine_cache)
         inputs = profile.profiling_inputs(prep.loaded, calib)
         # as the verified plans are (_verify_cached): a second run judges them against the same figure
         timed = _measured_on(provider, threads, timing or profile.Budget())
         stored = results.get("original timing", timed)
         base_timing = profile.Timing(**stored) if isinstance(stored, dict) and set(stored) == {"median", "p90", "runs"} \
-            else profile.time_session(session, inputs, provider, timing or profile.Budget())
+            else profile.time_session(session(), inputs, provider, timing or profile.Budget())
         if stored is None:
             results.put("original timing", timed, dataclasses.asdict(base_timing))
-        ref_session = session if provider == "CPUExecutionProvider" else \
-            create_session(prep.loaded.proto, "CPUExecutionProvider", threads)
-        reference = metrics.outputs(ref_session, evaluation, prep.loaded, output)
+        reference = _reference(results, ref_session, evaluation, prep, output, "evaluation", threads)
         base_metric = metrics.score(metric, reference, reference, evaluation.labels)
         advance()
     baseline = search.Baseline(base_timing.median, _weight_bytes(prep.loaded.proto),
@@ -466,7 +489,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
         sensitivity = mode != "plain" and data is not None
     if sensitivity:
         probe = calib.take(0, min(sens.PROBE_SAMPLES, calib.samples))
-        probe_reference = metrics.outputs(ref_session, probe, prep.loaded, output)
+        probe_reference = _reference(results, ref_session, probe, prep, output, "probe", threads)
         total = sum(len(sens.probes(space, n)) for n in space.candidates)
 
         def drop(name: str, cand) -> float:
@@ -482,6 +505,19 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     if results.folder is not None:      # timings and results together, least recently used first
         results_mod.trim(results.folder.parent, cache_limit)
     return ex
+
+
+def _reference(results: results_mod.Results, session, data: data_mod.Dataset, prep: _Prepared, output,
+               which: str, threads: int) -> np.ndarray:
+    """The original model's output on these samples (CPU; `session()` opens it), or what an
+    earlier run stored for them."""
+    what = {"samples": which, "count": data.samples, "output": output, "threads": threads}
+    stored = results.get_arrays("reference", what)
+    if stored is not None and set(stored) == {"outputs"}:
+        return stored["outputs"]
+    reference = metrics.outputs(session(), data, prep.loaded, output)
+    results.put_arrays("reference", what, {"outputs": reference})
+    return reference
 
 
 def _measured_on(provider: str, threads: int, timing: profile.Budget) -> dict:
@@ -548,6 +584,19 @@ def _held_out_errors(ex: _Explored, choices: dict) -> dict[str, float]:
         centered = ex.mode != "plain" and target.side != "left"
         out[name] = space_mod.relative_output_error(layer, diff, stats[target.name].observed(centered))
     return out
+
+
+def _held_out_errors_cached(ex: _Explored, choices: dict) -> dict[str, float]:
+    """_held_out_errors, or what an earlier run on the same inputs computed for this plan."""
+    what = {"plan": sorted((n, c.spec) for n, c in choices.items() if not c.is_dense),
+            "calibration": ex.calibration, "evaluation": ex.evaluation.samples}
+    stored = ex.results.get("held-out errors", what) if ex.results else None
+    if isinstance(stored, dict):
+        return stored
+    errors = _held_out_errors(ex, choices)
+    if ex.results:
+        ex.results.put("held-out errors", what, errors)
+    return errors
 
 
 def _sizes(prep: _Prepared) -> dict[str, dict[str, int]]:
@@ -653,7 +702,7 @@ def _verify_cached(ex: _Explored, choices: dict) -> search.Verified:
 def _verify(ex: _Explored, choices: dict) -> search.Verified:
     """Build the whole model; time it A/B interleaved with the original; score it on held-out data."""
     plan, new = _build(ex, choices)
-    original = ex.original
+    original = ex.original()
     candidate = create_session(new, ex.provider, ex.threads, ex.engine_cache)
     a, b = [], []
     for _ in range(AB_ROUNDS):
@@ -748,7 +797,8 @@ def _explore_reports(path, prefix, *, force=False, progress: Progress | None = N
     ex = _explore(path, progress=progress or Progress(), **options)
     limits = search.Limits.resolve(ex.constraints, ex.baseline)
     worst = sum(max((ex.space.weighted_error(c) for c in ex.space.alive(n)), default=0.0) for n in ex.space.candidates)
-    choices = search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize) or {}
+    choices = search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize,
+                           memo=ex.results) or {}
     plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256,
                 calibration=ex.calibration)
     data = _report(ex, path, "explored" if choices else "infeasible", choices, None, [], [], plan)
@@ -814,12 +864,13 @@ def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective
     with (progress or Progress()).task("verifying plans end to end", most + len(uniform)) as advance:
         found = search.choose(ex.space, ex.baseline, limits, ex.constraints.objective, ex.itemsize,
                               lambda choices: _verify_cached(ex, choices), most, on_step=lambda _: advance(),
-                              uniform=uniform)
+                              uniform=uniform, memo=ex.results)
     status = "ok" if found.feasible else "infeasible"
     plan, new = _build(ex, found.choices)
     misses = missed_line(found.misses)
+    held_out = _held_out_errors_cached(ex, found.choices)
     data_out = _report(ex, path, status, found.choices, found.verified, misses, found.steps, plan)
-    data_out["held_out_errors"] = _held_out_errors(ex, found.choices)
+    data_out["held_out_errors"] = held_out
     # how the verified uniform plans corrected the estimates: x prune's error, against factorization's
     data_out["error_correction"] = found.method_scale
     result = Result(status, plan, data_out, [], misses)
@@ -866,8 +917,9 @@ def _alternatives(ex: _Explored, limits, found, k: int) -> list[dict]:
     budget = sum(space.weighted_error(c) for c in found.choices.values())
     for _ in range(k):
         choices = search.solve(space, ex.baseline, limits, ex.constraints.objective, max(budget, 1e-12),
-                               ex.itemsize, exclude=excluded) or \
-            search.solve(space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize, exclude=excluded)
+                               ex.itemsize, exclude=excluded, memo=ex.results) or \
+            search.solve(space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize, exclude=excluded,
+                         memo=ex.results)
         if not choices:
             break
         out.append(choices)

@@ -103,6 +103,28 @@ class LayerStats:
         return self.total_abs / max(self.count, 1)
 
 
+def stats_to_arrays(stats: dict[str, LayerStats]) -> dict[str, np.ndarray]:
+    """Per-layer statistics as flat named arrays (the results cache stores them as .npz)."""
+    out = {"names": np.array(list(stats), dtype=str)}
+    for i, s in enumerate(stats.values()):
+        if isinstance(s.gram, LowRankGram):
+            out.update({f"{i}.sigma": np.array(s.gram.sigma), f"{i}.basis": s.gram.basis, f"{i}.values": s.gram.values})
+        else:
+            out[f"{i}.gram"] = s.gram
+        out.update({f"{i}.total": s.total, f"{i}.total_abs": s.total_abs, f"{i}.count": np.array(s.count)})
+    return out
+
+
+def stats_from_arrays(arrays: dict[str, np.ndarray]) -> dict[str, LayerStats]:
+    """stats_to_arrays undone, bit for bit."""
+    out = {}
+    for i, name in enumerate(arrays["names"].tolist()):
+        gram = arrays[f"{i}.gram"] if f"{i}.gram" in arrays else \
+            LowRankGram(float(arrays[f"{i}.sigma"]), arrays[f"{i}.basis"], arrays[f"{i}.values"])
+        out[name] = LayerStats(gram, arrays[f"{i}.total"], arrays[f"{i}.total_abs"], int(arrays[f"{i}.count"]))
+    return out
+
+
 class Pooled(Mapping):
     """Per layer, the statistics of two disjoint parts of the calibration samples summed when
     asked for (then `rest`'s, for layers collected whole), so a run that scores layer errors

@@ -190,6 +190,8 @@ def pareto_png(path: Path, report: dict) -> None:
 
 def _results_line(hits: dict) -> str:
     """What came from the results cache (an earlier run with the same inputs), if anything."""
-    names = {"errors": "layers' candidate errors", "probe": "sensitivity probes", "verified": "verified plans"}
+    names = {"errors": "layers' candidate errors", "probe": "sensitivity probes", "verified": "verified plans",
+             "statistics": "calibration statistics", "reference": "original model outputs",
+             "held-out errors": "held-out layer errors", "solution": "solver runs"}
     parts = [f"{n} {names.get(kind, kind)}" for kind, n in sorted(hits.items()) if n]
     return f" From the results cache: {', '.join(parts)}." if parts else ""

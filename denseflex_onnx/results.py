@@ -3,8 +3,10 @@
 Layer-candidate errors, sensitivity probes and verified plans are pure functions of the model,
 the data, the options that shape them and this package's code, and they are what a second run
 of `optimize` spends its minutes on (MiniLM-L6: 47 s of errors, 65 s of probes, 25 s of
-verifications in a 170 s run). Each is stored as one JSON file named by the sha256 of its key,
-the key material stored beside the value: an entry whose stored key is not the one asked for
+verifications in a 170 s run); so are the calibration statistics, the original model's outputs
+and the report's held-out errors, what a warm run spent most of its remaining 25 s on. Each is
+stored as one file named by the sha256 of its key (JSON; arrays as .npz), the key material
+stored beside the value: an entry whose stored key is not the one asked for
 (a hash collision, another tool's file), or that does not parse (a truncated write from a killed
 run), is recomputed with a warning, never trusted. Writes are atomic (a reader never sees half a
 file), so runs sharing a folder only ever race to write the same value.
@@ -16,10 +18,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from .model import atomic_write_bytes
 
@@ -54,9 +60,16 @@ class Results:
     def _key(self, kind: str, what: dict) -> dict:
         return {"kind": kind, **self.context, **what}
 
-    def _path(self, key: dict) -> Path:
+    def _path(self, key: dict, suffix: str = ".json") -> Path:
         text = json.dumps(key, sort_keys=True, default=str)
-        return self.folder / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
+        return self.folder / f"{hashlib.sha256(text.encode()).hexdigest()}{suffix}"
+
+    def _served(self, kind: str, path: Path) -> None:
+        try:
+            os.utime(path)               # recently used: the last to be trimmed
+        except OSError:
+            pass
+        self.hits[kind] = self.hits.get(kind, 0) + 1
 
     def get(self, kind: str, what: dict):
         """The stored value, or None (absent, unreadable or foreign: then computed again)."""
@@ -74,11 +87,7 @@ class Results:
         if not isinstance(data, dict) or data.get("key") != json.loads(json.dumps(key, default=str)):
             log.warning("results cache: %s holds another entry than its name says; computing it again", path)
             return None
-        try:
-            os.utime(path)               # recently used: the last to be trimmed
-        except OSError:
-            pass
-        self.hits[kind] = self.hits.get(kind, 0) + 1
+        self._served(kind, path)
         return data["value"]
 
     def put(self, kind: str, what: dict, value) -> None:
@@ -88,6 +97,39 @@ class Results:
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self._path(key), json.dumps({"key": key, "value": value}, default=str).encode())
 
+    def get_arrays(self, kind: str, what: dict) -> dict[str, np.ndarray] | None:
+        """Like `get`, for a value that is named arrays (put_arrays)."""
+        if self.folder is None:
+            return None
+        key = self._key(kind, what)
+        path = self._path(key, ".npz")
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                arrays = {name: stored[name] for name in stored.files}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            log.warning("results cache: %s is unreadable (%s); computing it again", path, type(exc).__name__)
+            return None
+        stored_key = arrays.pop(KEY_ARRAY, None)
+        if stored_key is None or json.loads(str(stored_key)) != json.loads(json.dumps(key, default=str)):
+            log.warning("results cache: %s holds another entry than its name says; computing it again", path)
+            return None
+        self._served(kind, path)
+        return arrays
+
+    def put_arrays(self, kind: str, what: dict, arrays: dict[str, np.ndarray]) -> None:
+        if self.folder is None:
+            return
+        key = self._key(kind, what)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, **{KEY_ARRAY: np.array(json.dumps(key, default=str))}, **arrays)
+        atomic_write_bytes(self._path(key, ".npz"), buf.getvalue())
+
+
+KEY_ARRAY = "__key__"
+
 
 def entries(folder: Path) -> list[Path]:
     """The cache's files (timings in `folder`, results in folder/results), temporary ones left by
@@ -95,7 +137,7 @@ def entries(folder: Path) -> list[Path]:
     out = []
     for where in (folder, folder / "results"):
         if where.is_dir():
-            out += [p for pattern in ("*.json", ".*.tmp") for p in where.glob(pattern) if p.is_file()]
+            out += [p for pattern in ("*.json", "*.npz", ".*.tmp") for p in where.glob(pattern) if p.is_file()]
     return out
 
 

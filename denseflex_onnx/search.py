@@ -10,6 +10,7 @@ is tightened by the measured miss; at most `max_verifications` end-to-end checks
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -101,11 +102,13 @@ def estimate(space: Space, choices: dict[str, Candidate], baseline: Baseline, it
 
 def solve(space: Space, baseline: Baseline, limits: Limits, objective: str, error_budget: float,
           itemsize: dict[str, int], latency_budget: float | None = None,
-          exclude: list[dict[str, Candidate]] = ()) -> dict[str, Candidate] | None:
+          exclude: list[dict[str, Candidate]] = (), memo=None) -> dict[str, Candidate] | None:
     """The exact optimum of the multiple-choice knapsack; None if nothing fits.
 
     Ties are broken by fewer params (a tiny secondary term), so the plan is deterministic.
-    `exclude` lists plans not to return again (for the next-best alternatives).
+    `exclude` lists plans not to return again (for the next-best alternatives). `memo`
+    (results.Results): solutions of the very same problem (its arrays' sha256) an earlier run
+    found, so a warm run does not solve again what it solved before (0.3 s a solve on MiniLM).
     """
     names = sorted(space.candidates)
     cands = [(n, c) for n in names for c in space.alive(n)]
@@ -147,13 +150,37 @@ def solve(space: Space, baseline: Baseline, limits: Limits, objective: str, erro
         rows.append(np.array([1.0 if plan.get(n) is c else 0.0 for n, c in cands]))
         lower.append(-np.inf)
         upper.append(len(plan) - 1)
+    matrix, lower, upper = np.vstack(rows), np.array(lower, dtype=float), np.array(upper, dtype=float)
+    problem = {"problem": _digest(c, matrix, lower, upper)}
+    stored = memo.get("solution", problem) if memo is not None else None
+    if isinstance(stored, dict) and (stored.get("picked") is None or len(stored["picked"]) == len(cands)):
+        picked = stored["picked"]
+    else:
+        picked = _milp(c, matrix, lower, upper)
+        if memo is not None:
+            memo.put("solution", problem, {"picked": picked})
+    if picked is None:
+        return None
+    return {n: cand for (n, cand), p in zip(cands, picked) if p}
+
+
+def _milp(c: np.ndarray, matrix: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> list[bool] | None:
+    """Which binary variables the optimum sets, or None if the problem has no solution."""
     from scipy.optimize import Bounds, LinearConstraint, milp    # imported where used: the CLI starts faster
-    result = milp(c, integrality=np.ones(len(cands)), bounds=Bounds(0, 1),
-                  constraints=LinearConstraint(np.vstack(rows), lower, upper))
+    result = milp(c, integrality=np.ones(len(c)), bounds=Bounds(0, 1),
+                  constraints=LinearConstraint(matrix, lower, upper))
     if result.status != 0 or result.x is None:
         return None
-    picked = np.round(result.x).astype(bool)
-    return {n: cand for (n, cand), p in zip(cands, picked) if p}
+    return [bool(x) for x in np.round(result.x)]
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        digest.update(str(a.shape).encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
 
 
 # the simplest baselines: one rank fraction in every layer (SVD family), or one keep fraction in
@@ -251,7 +278,8 @@ def misses(verified: Verified, baseline: Baseline, limits: Limits) -> dict[str, 
 
 def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, itemsize: dict[str, int],
            verify: Callable[[dict[str, Candidate]], Verified],
-           max_verifications: int = MAX_VERIFICATIONS, on_step=None, uniform: list[Uniform] = ()) -> SearchResult:
+           max_verifications: int = MAX_VERIFICATIONS, on_step=None, uniform: list[Uniform] = (),
+           memo=None) -> SearchResult:
     """Search the summed layer-error budget over a range that depends only on the number of
     layers (relative errors above 1 are useless), each next budget aimed by the last measured
     drop (_aimed) inside the bracket the measurements leave, so it converges like a bisection.
@@ -295,12 +323,12 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
     searched = attempts = 0
     while searched < max_verifications and attempts < 4 * max_verifications and hi / lo > 1.02:
         attempts += 1
-        choices = solve(space, baseline, limits, objective, budget, itemsize, latency_budget)
+        choices = solve(space, baseline, limits, objective, budget, itemsize, latency_budget, memo=memo)
         if choices is None:           # too tight an error budget (or limits no plan meets)
             lo = budget
             # the least summed error the limits allow is the next budget: bisecting toward it
             # from below verified plans far worse than it (MiniLM-L6 at -25% FLOPs: 38 points)
-            least = solve(space, baseline, limits, "accuracy", hi, itemsize, latency_budget)
+            least = solve(space, baseline, limits, "accuracy", hi, itemsize, latency_budget, memo=memo)
             floor = None if least is None else estimate(space, least, baseline, itemsize).error
             if floor is None or floor * (1 + 1e-6) >= hi:
                 break                 # nothing within the limits that is not known to miss
@@ -336,7 +364,7 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
     # with those limits as objective (with half the verifications where some were spent already)
     near = "latency" if limits.latency is not None else "memory" if limits.bytes is not None else "flops"
     relaxed = choose(space, baseline, Limits(None, None, None, limits.accuracy_drop), near, itemsize, verify,
-                     max(1, max_verifications // 2) if steps else max_verifications, on_step)
+                     max(1, max_verifications // 2) if steps else max_verifications, on_step, memo=memo)
     for step in relaxed.steps:          # judged by the real limits, not the relaxed ones
         step.misses = misses(step.verified, baseline, limits)
     if steps:

@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import denseflex_onnx
-from denseflex_onnx import results
+from denseflex_onnx import calibrate, results
+from denseflex_onnx.calibrate import LayerStats
+from denseflex_onnx.sketch import LowRankGram
 from denseflex_onnx.profile import Budget
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +44,34 @@ def test_a_truncated_or_foreign_entry_is_not_trusted(tmp_path, caplog):
     assert "unreadable" in caplog.text and "another entry" in caplog.text
     store.put("errors", {"layer": "a"}, {"svd:8": 0.25})               # computed again, stored again
     assert store.get("errors", {"layer": "a"}) == {"svd:8": 0.25}
+
+
+def test_arrays_come_back_bit_for_bit_and_a_damaged_file_is_not_trusted(tmp_path, caplog):
+    store = results.Results(tmp_path, {"model": "abc"})
+    rng = np.random.default_rng(0)
+    full = LayerStats(rng.standard_normal((5, 5)), rng.standard_normal(5), rng.random(5), 17)
+    sketch = LayerStats(LowRankGram(0.3, np.linalg.qr(rng.standard_normal((6, 2)))[0], rng.random(2)),
+                        rng.standard_normal(6), rng.random(6), 9)
+    store.put_arrays("statistics", {"part": "all"}, calibrate.stats_to_arrays({"fc/1": full, "conv": sketch}))
+    back = calibrate.stats_from_arrays(store.get_arrays("statistics", {"part": "all"}))
+    assert list(back) == ["fc/1", "conv"]
+    assert np.array_equal(back["fc/1"].gram, full.gram) and back["fc/1"].count == 17
+    g = back["conv"].gram
+    assert isinstance(g, LowRankGram) and g.sigma == 0.3 and np.array_equal(g.basis, sketch.gram.basis)
+    assert np.array_equal(g.values, sketch.gram.values) and np.array_equal(back["conv"].total_abs, sketch.total_abs)
+    assert store.get_arrays("statistics", {"part": "odd"}) is None
+    (path,) = tmp_path.glob("*.npz")
+    path.write_bytes(path.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="denseflex_onnx"):
+        assert store.get_arrays("statistics", {"part": "all"}) is None
+    assert "unreadable" in caplog.text
+    other = results.Results(tmp_path, {"model": "xyz"})        # a file under another entry's name
+    other.put_arrays("reference", {}, {"outputs": np.ones(3)})
+    (moved,) = [p for p in tmp_path.glob("*.npz") if p != path]
+    moved.rename(path)
+    with caplog.at_level(logging.WARNING, logger="denseflex_onnx"):
+        assert store.get_arrays("statistics", {"part": "all"}) is None
+    assert "another entry" in caplog.text
 
 
 def test_trim_removes_the_least_recently_used_and_nothing_that_is_not_the_cache(tmp_path):
@@ -78,6 +109,11 @@ def test_a_second_run_reuses_errors_probes_and_verifications_and_gives_the_same_
     assert hits["errors"] >= scored > 0
     assert hits["probe"] == sum(len(p["probes"]) for p in first.report["sensitivity"].values()) > 0
     assert hits["verified"] == len(first.report["verifications"]) > 0
+    # statistics of the whole calibration set or of its two halves; the outputs on the evaluation
+    # and probe samples; the chosen plan's held-out errors
+    assert hits["statistics"] in (1, 2, 3) and hits["reference"] == 2 and hits["held-out errors"] == 1
+    assert hits["solution"] >= 1                     # the solver is not run again either
+    assert second.report["held_out_errors"] == first.report["held_out_errors"]
     assert second.report["verifications"] == first.report["verifications"]
     assert second.plan.to_json()["layers"] == first.plan.to_json()["layers"]
     assert (tmp / "b.onnx").read_bytes() == (tmp / "a.onnx").read_bytes()
@@ -91,7 +127,7 @@ def test_damaged_entries_are_recomputed_to_the_same_plan(twice, tmp_path, caplog
     tmp, options, first, _ = twice
     cache = tmp_path / "cache"
     subprocess.run(["cp", "-r", str(options["cache_dir"]), str(cache)], check=True)
-    for p in sorted((cache / "results").glob("*.json"))[::2]:
+    for p in sorted([*(cache / "results").glob("*.json"), *(cache / "results").glob("*.npz")])[::2]:
         p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
     with caplog.at_level(logging.WARNING, logger="denseflex_onnx"):
         third = denseflex_onnx.optimize(MLP, tmp_path / "c.onnx", **{**options, "cache_dir": cache})
@@ -107,9 +143,10 @@ def test_cache_info_and_clear(twice, tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "denseflex_onnx.cli", "cache", *a, "--cache-dir", str(cache)],
                                     capture_output=True, text=True)
     info = json.loads(run("info", "--json").stdout)
+    held = [*(cache / "results").glob("*.json"), *(cache / "results").glob("*.npz")]
     assert info["timings"] == len(list(cache.glob("*.json"))) > 0
-    assert info["results"] == len(list((cache / "results").glob("*.json"))) > 0
-    assert info["bytes"] == sum(p.stat().st_size for p in [*cache.glob("*.json"), *(cache / "results").glob("*.json")])
+    assert info["results"] == len(held) > len(list((cache / "results").glob("*.npz"))) > 0
+    assert info["bytes"] == sum(p.stat().st_size for p in [*cache.glob("*.json"), *held])
     r = run("clear")
     assert r.returncode == 0 and f"removed {info['timings'] + info['results']}" in r.stdout
     assert json.loads(run("info", "--json").stdout)["bytes"] == 0

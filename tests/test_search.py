@@ -79,6 +79,26 @@ def test_milp_returns_none_when_nothing_fits():
     assert solve(space, baseline, limits, "latency", 10.0, {n: 4 for n in space.candidates}) is None
 
 
+def test_a_stored_solution_serves_only_the_very_same_problem(tmp_path):
+    from denseflex_onnx.results import Results
+    space = random_space(np.random.default_rng(3))
+    itemsize = {n: 4 for n in space.candidates}
+    baseline = Baseline(10.0, 100_000, 200_000, 90.0)
+    limits = Limits(latency=9.0, bytes=None, flops=None, accuracy_drop=1.0)
+    memo = Results(tmp_path, {})
+    first = solve(space, baseline, limits, "latency", 0.5, itemsize, memo=memo)
+    second = Results(tmp_path, {})
+    again = solve(space, baseline, limits, "latency", 0.5, itemsize, memo=second)
+    assert second.hits == {"solution": 1} and _same_plan(first, again) and _same_plan(first, solve(space, baseline, limits, "latency", 0.5, itemsize))
+    other = Results(tmp_path, {})
+    tighter = solve(space, baseline, limits, "latency", 0.2, itemsize, memo=other)
+    assert other.hits == {} and _same_plan(tighter, solve(space, baseline, limits, "latency", 0.2, itemsize))
+    none = Results(tmp_path, {})          # that nothing fits is remembered too
+    assert solve(space, baseline, Limits(0.001, None, None, 1.0), "latency", 0.5, itemsize, memo=none) is None
+    assert solve(space, baseline, Limits(0.001, None, None, 1.0), "latency", 0.5, itemsize, memo=none) is None
+    assert none.hits == {"solution": 1}
+
+
 def ranked_plans(space, baseline, limits, objective, error_budget, itemsize):
     """Every feasible combination with its objective value, best first (brute force, no solver)."""
     names = sorted(space.candidates)
