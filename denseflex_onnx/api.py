@@ -100,8 +100,8 @@ class _Prepared:
 
 
 def _check_counts(**values) -> None:
-    """--threads, --calib-samples and --max-verifications at least 1, --seed and --top-k at least 0."""
-    least = {"threads": 1, "calib_samples": 1, "seed": 0, "top_k": 0, "max_verifications": 1}
+    """--threads, --jobs, --calib-samples and --max-verifications at least 1, --seed and --top-k at least 0."""
+    least = {"threads": 1, "jobs": 1, "calib_samples": 1, "seed": 0, "top_k": 0, "max_verifications": 1}
     for name, value in values.items():
         if value is not None and value < least[name]:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {least[name]}")
@@ -404,11 +404,12 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
              threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
              layer_specs, exclude, input_shapes, progress: Progress, methods=None, exhaustive=False,
              timing: profile.Budget | None = None, memory_budget=None, calibration=None,
-             cache_size=None) -> _Explored:
+             cache_size=None, jobs=None) -> _Explored:
     started = time.monotonic()
     constraints = Constraints.parse(latency, memory, flops, max_accuracy_drop, objective)
     provider = resolve_provider(provider)
-    _check_counts(threads=threads, calib_samples=calib_samples, seed=seed)
+    jobs = default_jobs() if jobs is None else jobs
+    _check_counts(threads=threads, calib_samples=calib_samples, seed=seed, jobs=jobs)
     if metric is not None and metric not in METRICS:
         raise UserError(f"--metric {metric!r}: use one of {', '.join(METRICS)}")
     budget_s = parse_time_budget(time_budget)
@@ -440,9 +441,12 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     scored = space_mod.Factors(prep.layers, scoring, mode, held_out)
     factors = space_mod.Factors(prep.layers, stats, mode) if held_out else scored
     known = {n: results.get("errors", {"layer": n}) or {} for n in prep.layers}
+    # what the memory budget leaves beside the statistics held: where parallel work must fit
+    spare = max(budget_bytes - sum(r.bytes for r in representations.values()), 0)
     with progress.task("decomposition and layer errors", len(layers)) as advance:
         space = space_mod.build(layers, scored, methods, forced, on_layer=lambda _: advance(),
-                                prune=not exhaustive, kept_dense=kept_dense, pairs=pairs, known_errors=known)
+                                prune=not exhaustive, kept_dense=kept_dense, pairs=pairs, known_errors=known,
+                                jobs=jobs, working_memory=spare)
     for name, cands in space.candidates.items():
         errors = {c.spec: c.error for c in cands if not c.is_dense and not math.isnan(c.error)}
         if errors and any(known[name].get(k) != v for k, v in errors.items()):
@@ -501,7 +505,9 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
             return value
 
         with progress.task("layer sensitivity", total) as advance:
-            space.error_scale, ex.sensitivity = sens.error_scales(space, drop, on_probe=advance)
+            # each probe holds a rewritten copy of the model and its session (about 4 x the weights)
+            at_once = max(1, min(jobs, spare // max(4 * baseline.bytes, 1)))
+            space.error_scale, ex.sensitivity = sens.error_scales(space, drop, on_probe=advance, jobs=at_once)
     if results.folder is not None:      # timings and results together, least recently used first
         results_mod.trim(results.folder.parent, cache_limit)
     return ex
@@ -518,6 +524,15 @@ def _reference(results: results_mod.Results, session, data: data_mod.Dataset, pr
     reference = metrics.outputs(session(), data, prep.loaded, output)
     results.put_arrays("reference", what, {"outputs": reference})
     return reference
+
+
+def default_jobs() -> int:
+    """--jobs: every core this process may run on (timing never runs beside the jobs)."""
+    import os
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:          # not on Linux
+        return max(os.cpu_count() or 1, 1)
 
 
 def _measured_on(provider: str, threads: int, timing: profile.Budget) -> dict:
@@ -780,7 +795,8 @@ def explore(path, prefix, *, latency=None, memory=None, flops=None, max_accuracy
             metric=None, output=None, data=None, provider="cpu", threads=1, factorization=None, calib_samples=128,
             sensitivity=None, time_budget=None, cache_dir=None, no_cache=False, seed=0, layer_specs=None,
             exclude=None, input_shapes=None, force=False, progress: Progress | None = None,
-            timing: profile.Budget | None = None, memory_budget=None, calibration=None, cache_size=None) -> Result:
+            timing: profile.Budget | None = None, memory_budget=None, calibration=None, cache_size=None,
+            jobs=None) -> Result:
     """Space, measure and the MILP's choice (estimated, not verified); writes `prefix`.report.* only.
 
     Example: explore("model.onnx", "space", flops="-50%")     # space.report.json, .csv, .md, .pareto.png
@@ -829,7 +845,8 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
              no_cache=False, seed=0, layer_specs=None, exclude=None, input_shapes=None, top_k=0,
              force=False, progress: Progress | None = None, exhaustive: bool = False,
              timing: profile.Budget | None = None, memory_budget=None, calibration=None,
-             max_verifications: int | None = None, methods: list[str] | None = None, cache_size=None) -> Result:
+             max_verifications: int | None = None, methods: list[str] | None = None, cache_size=None,
+             jobs=None) -> Result:
     """Find the plan that meets the constraints; with `out`, write the model, plan and reports.
     `methods` limits the passes searched (e.g. ["svd"]; default all, pairs' prune included).
 
@@ -842,7 +859,7 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
 def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
               threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
               layer_specs, exclude, input_shapes, top_k, force, progress, exhaustive, timing,
-              memory_budget, calibration, max_verifications, methods, cache_size) -> Result:
+              memory_budget, calibration, max_verifications, methods, cache_size, jobs) -> Result:
     path = Path(path)
     _check_counts(top_k=top_k)
     paths = report.output_paths(Path(out)) if out is not None else None
@@ -856,7 +873,8 @@ def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective
                   sensitivity=sensitivity, time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache,
                   seed=seed, layer_specs=layer_specs, exclude=exclude, input_shapes=input_shapes,
                   progress=progress or Progress(), exhaustive=exhaustive, timing=timing,
-                  memory_budget=memory_budget, calibration=calibration, methods=methods, cache_size=cache_size)
+                  memory_budget=memory_budget, calibration=calibration, methods=methods, cache_size=cache_size,
+                  jobs=jobs)
     limits = search.Limits.resolve(ex.constraints, ex.baseline)
     _check_counts(max_verifications=max_verifications)
     most = search.MAX_VERIFICATIONS if max_verifications is None else max_verifications

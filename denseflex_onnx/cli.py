@@ -33,6 +33,8 @@ ForceOpt = typer.Option(False, "--force", help="overwrite existing output files"
 DebugOpt = typer.Option(False, "--debug", help="show the traceback behind an error")
 CacheSizeOpt = typer.Option(None, "--cache-size", help="cap on the cache folder, e.g. 500MB; least recently "
                             "used entries go first (default 2GB)")
+JobsOpt = typer.Option(None, "--jobs", help="layers decomposed and probes measured at once (default: every "
+                       "core; timing always runs alone)")
 CacheDirOpt = typer.Option(None, "--cache-dir", help="the cache folder (default ~/.cache/denseflex-onnx/profiles)")
 BudgetOpt = typer.Option(None, "--memory-budget", help="memory the calibration statistics may hold, e.g. 8GB "
                          "(default: half of the memory available)")
@@ -204,6 +206,7 @@ def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
              data: Optional[Path] = typer.Option(None, "--data", help=".npz: arrays named after the inputs (+ labels)"),
              provider: str = typer.Option("cpu", help="cpu|cuda|tensorrt|<full EP name>"),
              threads: int = typer.Option(1, help="intra-op threads for timing"),
+             jobs: Optional[int] = JobsOpt,
              factorization: Optional[str] = typer.Option(None, help="plain|scaled|whitened (default whitened with --data)"),
              calib_samples: int = typer.Option(128, help="samples that calibrate; the rest evaluate"),
              sensitivity: Optional[bool] = typer.Option(
@@ -239,7 +242,7 @@ def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
                               layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape),
                               top_k=top_k, force=force, progress=RichProgress(not quiet and not json_out),
                               memory_budget=memory_budget, max_verifications=max_verifications,
-                              calibration=calibration, cache_size=cache_size)
+                              calibration=calibration, cache_size=cache_size, jobs=jobs)
     if json_out:
         summary = {k: result.report[k] for k in ("status", "baseline", "result", "stages", "plan", "misses")
                    if k in result.report}
@@ -286,8 +289,8 @@ def explore(model: Path = typer.Argument(..., help="the .onnx file"),
             objective: str = typer.Option("latency"), metric: Optional[str] = typer.Option(None),
             output_name: Optional[str] = typer.Option(None, "--output"),
             data: Optional[Path] = typer.Option(None, "--data"), provider: str = typer.Option("cpu"),
-            threads: int = typer.Option(1), factorization: Optional[str] = typer.Option(None),
-            calib_samples: int = typer.Option(128),
+            threads: int = typer.Option(1), jobs: Optional[int] = JobsOpt,
+            factorization: Optional[str] = typer.Option(None), calib_samples: int = typer.Option(128),
             sensitivity: Optional[bool] = typer.Option(None, "--sensitivity/--no-sensitivity"),
             time_budget: Optional[str] = typer.Option(None), cache_dir: Optional[Path] = typer.Option(None),
             no_cache: bool = typer.Option(False, "--no-cache"), cache_size: Optional[str] = CacheSizeOpt,
@@ -306,7 +309,8 @@ def explore(model: Path = typer.Argument(..., help="the .onnx file"),
                              factorization=factorization, calib_samples=calib_samples, sensitivity=sensitivity,
                              time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache, seed=seed,
                              layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape),
-                             memory_budget=memory_budget, calibration=calibration, cache_size=cache_size)
+                             memory_budget=memory_budget, calibration=calibration, cache_size=cache_size,
+                             jobs=jobs)
     if not quiet:
         s = result.report["stages"]
         out.print(f"design space: {s['grid']} -> {s['after_saves_nothing']} -> {s['after_dominated']} -> "

@@ -42,15 +42,28 @@ def probes(space: Space, name: str) -> list[Candidate]:
     return picked
 
 
-def error_scales(space: Space, drop_of: Callable[[str, Candidate], float], on_probe=None) -> tuple[dict, dict]:
-    """Per layer: the normalized slope, and the probes it came from ({spec, error, drop})."""
+def error_scales(space: Space, drop_of: Callable[[str, Candidate], float], on_probe=None,
+                 jobs: int = 1) -> tuple[dict, dict]:
+    """Per layer: the normalized slope, and the probes it came from ({spec, error, drop}).
+    `jobs` probes are measured at once (threads: onnxruntime runs without the GIL); each is a
+    model of its own, so the drops do not depend on how many run together."""
+    wanted = [(name, cand) for name in sorted(space.candidates) for cand in probes(space, name)]
+
+    def measure(item) -> float:
+        drop = drop_of(*item)
+        if on_probe:
+            on_probe()
+        return drop
+
+    if jobs > 1 and len(wanted) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(jobs) as pool:
+            drops = list(pool.map(measure, wanted))
+    else:
+        drops = [measure(item) for item in wanted]
     slopes, measured = {}, {}
     for name in sorted(space.candidates):
-        points = []
-        for cand in probes(space, name):
-            points.append({"spec": cand.spec, "error": cand.error, "drop": drop_of(name, cand)})
-            if on_probe:
-                on_probe()
+        points = [{"spec": c.spec, "error": c.error, "drop": d} for (n, c), d in zip(wanted, drops) if n == name]
         if points:
             e = np.array([p["error"] for p in points]) ** 2     # the solver adds squared errors
             d = np.maximum(np.array([p["drop"] for p in points]), 0.0)

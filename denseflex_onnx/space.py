@@ -352,13 +352,19 @@ def as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
 def build(layers: list[Layer], factors: Factors, methods: list[str] | None = None,
           forced: dict[str, Choice] | None = None, on_layer=None, prune: bool = True,
           kept_dense: dict[str, str] | None = None, pairs: list | None = None,
-          known_errors: dict[str, dict[str, float]] | None = None) -> Space:
+          known_errors: dict[str, dict[str, float]] | None = None, jobs: int = 1,
+          working_memory: int | None = None) -> Space:
     """Grid, stage 1, layer errors, stage 2. Forced layers (`--layer`, `--exclude`) get one candidate;
     `kept_dense` layers (cannot_pay_off) their whole grid, dropped unscored with the reason.
     `pairs` (pairs.Pair, none of whose layers is forced) add their prune candidates to their
     producer's list: a pair is one choice, whether or not its layers could pay off alone.
     `known_errors`: per layer (a pair: its producer), errors by spec that an earlier run with the
     same inputs computed (results.py); a layer whose candidates are all known is not decomposed.
+
+    `jobs` layers are scored at once (threads: numpy's LAPACK calls release the GIL), each with
+    its own single-threaded BLAS, so the errors are bitwise those of one job; layers start only
+    while what they work on (layer_working_bytes) fits `working_memory` together. Layers touch
+    only their own entries of `factors`; pairs, which read their consumer's, are scored after.
 
     `prune=False` keeps the whole grid (every candidate gets timed): the exhaustive
     reference the pruned search is checked against.
@@ -369,38 +375,93 @@ def build(layers: list[Layer], factors: Factors, methods: list[str] | None = Non
     by_producer = {p.name: p for p in pairs or []}
     space = Space({})
     counts = {"grid": 0, "after_saves_nothing": 0, "after_dominated": 0}
-    for layer in layers:
+
+    def one_layer(layer: Layer) -> tuple[list[Candidate], dict]:
+        mine = dict.fromkeys(counts, 0)
         if layer.name in forced:
-            space.candidates[layer.name] = _forced_candidates(layer, forced[layer.name], factors,
-                                                              by_producer.get(layer.name))
-            for key in counts:
-                counts[key] += 1
+            return _forced_candidates(layer, forced[layer.name], factors, by_producer.get(layer.name)), \
+                dict.fromkeys(counts, 1)
+        cands = grid(layer, methods)
+        mine["grid"] += len(cands)
+        if layer.name in kept_dense:
+            for c in cands[1:]:
+                c.dropped = f"{CANNOT_PAY_OFF} ({kept_dense[layer.name]})"
+            mine["after_saves_nothing"] += 1
+            mine["after_dominated"] += 1
         else:
-            cands = grid(layer, methods)
-            counts["grid"] += len(cands)
-            if layer.name in kept_dense:
-                for c in cands[1:]:
-                    c.dropped = f"{CANNOT_PAY_OFF} ({kept_dense[layer.name]})"
-            else:
-                _score(layer.name, cands, lambda c, ranks: factors.error(layer, c.choice, ranks.get(c.choice.method)),
-                       (layer.params, layer.flops), prune, counts, known_errors.get(layer.name, {}))
-                factors.release(layer)
-            counts["after_saves_nothing"] += 1 if layer.name in kept_dense else 0
-            counts["after_dominated"] += 1 if layer.name in kept_dense else 0
-            space.candidates[layer.name] = cands
+            _score(layer.name, cands, lambda c, ranks: factors.error(layer, c.choice, ranks.get(c.choice.method)),
+                   (layer.params, layer.flops), prune, mine, known_errors.get(layer.name, {}))
+            factors.release(layer)
+        return cands, mine
+
+    def one_pair(pair) -> tuple[list[Candidate], dict]:
+        mine = dict.fromkeys(counts, 0)
+        cands = pair_grid(pair)
+        mine["grid"] += len(cands)
+        _score(pair.name, cands, lambda c, _: factors.pair_error(pair, c.choice), (pair.params, pair.flops),
+               prune, mine, known_errors.get(pair.name, {}))
+        factors.release(pair.producer)
+        return cands, mine
+
+    for layer, (cands, mine) in _in_parallel(one_layer, layers, jobs, working_memory,
+                                              lambda l: layer_working_bytes(l, factors)):
+        space.candidates[layer.name] = cands
+        counts = {k: counts[k] + mine[k] for k in counts}
         if on_layer:
             on_layer(layer)
-    for pair in by_producer.values():
-        if pair.name in forced or pair.consumer.name in forced:
-            continue
-        cands = pair_grid(pair)
-        counts["grid"] += len(cands)
-        _score(pair.name, cands, lambda c, _: factors.pair_error(pair, c.choice), (pair.params, pair.flops),
-               prune, counts, known_errors.get(pair.name, {}))
-        factors.release(pair.producer)
+    scored = [p for p in by_producer.values() if p.name not in forced and p.consumer.name not in forced]
+    for pair, (cands, mine) in _in_parallel(one_pair, scored, jobs, working_memory,
+                                             lambda p: layer_working_bytes(p.consumer, factors)):
         space.candidates[pair.name].extend(cands)
+        counts = {k: counts[k] + mine[k] for k in counts}
     space.stage_counts = counts
     return space
+
+
+def layer_working_bytes(layer: Layer, factors: Factors) -> int:
+    """About what scoring a layer holds while it runs: float64 copies of its weight, and of its
+    X^T X where it is kept whole (calibrate.FULL_GRAM_WORKING_COPIES of them)."""
+    from .calibrate import FULL_GRAM_WORKING_COPIES
+    k = layer.matrix_shape[0]
+    gram = FULL_GRAM_WORKING_COPIES * 8 * k * k if getattr(factors.stats.get(layer.name), "kind", "") == "full" else 0
+    return gram + 6 * 8 * layer.weight.size
+
+
+def _in_parallel(work, items: list, jobs: int, memory: int | None, cost):
+    """(item, work(item)) in the items' order, up to `jobs` at once, starting one only while the
+    costs of those running fit `memory` (one always runs). Exceptions propagate as from a loop.
+    BLAS runs single-threaded whatever `jobs` is, so the results do not depend on it."""
+    from threadpoolctl import threadpool_limits
+    if jobs <= 1 or len(items) <= 1:
+        with threadpool_limits(limits=1, user_api="blas"):
+            for item in items:
+                yield item, work(item)
+        return
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    room = threading.Condition()
+    running = [0]
+
+    def admitted(item):
+        need = cost(item)
+        with room:
+            room.wait_for(lambda: running[0] == 0 or memory is None or running[0] + need <= memory)
+            running[0] += need
+        try:
+            return work(item)
+        finally:
+            with room:
+                running[0] -= need
+                room.notify_all()
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(admitted, item) for item in items]
+        try:
+            for item, future in zip(items, futures):
+                yield item, future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def _forced_candidates(layer: Layer, choice: Choice, factors: Factors, pair) -> list[Candidate]:
