@@ -20,12 +20,11 @@ import onnx
 
 from . import sensitivity as sens
 from . import calibrate, data as data_mod, layers as layers_mod, metrics, model as model_mod, profile, report, search, space as space_mod
-from . import pairs as pairs_mod, results as results_mod, sequential
-from .constraints import Constraints, METRICS, format_bytes, format_flops, format_seconds, parse_memory_budget
-from .errors import UserError, about_layer
+from . import pairs as pairs_mod, results as results_mod, verify
+from .constraints import Constraints, METRICS, format_bytes, parse_memory_budget
+from .errors import UserError
 from .passes import PASSES
 from .plan import CALIBRATIONS, DENSE, FACTORIZATIONS, Choice, Plan, parse_layer_option, parse_spec, read_plan
-from .rewrite import rewrite_model
 from .runtime import create_session, resolve_provider
 
 log = logging.getLogger("denseflex_onnx")
@@ -237,12 +236,6 @@ def _forced(prep: _Prepared, layer_specs, exclude) -> dict[str, Choice]:
     return forced
 
 
-def _weight_bytes(proto: onnx.ModelProto) -> int:
-    return model_mod.weight_bytes(proto)
-
-
-# ------------------------------------------------------------------------------------------- apply
-
 def _blas_threads(threads: int):
     """numpy/scipy's BLAS limited to the run's thread count: on a shared machine an
     oversubscribed BLAS made decompositions several times slower, and timings noisier."""
@@ -302,7 +295,7 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
                                                        None, budget_bytes)
             stats, *_ = _statistics(prep, calib, layers, representations, budget_bytes, 1, Progress(),
                                     results_mod.Results(None, {}))
-    new = _rewrite(prep, space_mod.Factors(prep.layers, stats, mode), plan, calib)
+    new = verify.rewrite(prep, space_mod.Factors(prep.layers, stats, mode), plan, calib)
     files = model_mod.write_model(new, out, external=prep.loaded.external_data)
     summary = _summary(prep, plan, new)
     summary["notes"] = notes
@@ -365,7 +358,7 @@ def _summary(prep: _Prepared, plan: Plan, new: onnx.ModelProto) -> dict:
             rows.append({"layer": name, "spec": choice.spec, "params": [int(layer.params), int(p)],
                          "flops": [int(layer.flops), int(f)]})
     return {"rewritten": rows, "layer_params": [params_before, params_after], "layer_flops": [flops_before, flops_after],
-            "model_bytes": [_weight_bytes(prep.loaded.proto), _weight_bytes(new)],
+            "model_bytes": [verify.weight_bytes(prep.loaded.proto), verify.weight_bytes(new)],
             "model_flops": [prep.discovery.total_flops, prep.discovery.total_flops - flops_before + flops_after]}
 
 
@@ -461,16 +454,16 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     with progress.task("original model", None) as advance:
         inputs = profile.profiling_inputs(prep.loaded, calib)
         # as the verified plans are (_verify_cached): a second run judges them against the same figure
-        timed = _measured_on(provider, threads, timing or profile.Budget())
+        timed = verify.measured_on(provider, threads, timing or profile.Budget())
         stored = results.get("original timing", timed)
         base_timing = profile.Timing(**stored) if isinstance(stored, dict) and set(stored) == {"median", "p90", "runs"} \
             else profile.time_session(session(), inputs, provider, timing or profile.Budget())
         if stored is None:
             results.put("original timing", timed, dataclasses.asdict(base_timing))
-        reference = _reference(results, ref_session, evaluation, prep, output, "evaluation", threads)
+        reference = verify.reference(results, ref_session, evaluation, prep, output, "evaluation", threads)
         base_metric = metrics.score(metric, reference, reference, evaluation.labels)
         advance()
-    baseline = search.Baseline(base_timing.median, _weight_bytes(prep.loaded.proto),
+    baseline = search.Baseline(base_timing.median, verify.weight_bytes(prep.loaded.proto),
                                prep.discovery.total_flops, base_metric)
 
     cache = profile.Cache(None if no_cache else Path(cache_dir) if cache_dir else profile.default_cache_dir(),
@@ -482,7 +475,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
                                          budget=timing or profile.Budget(), deadline=deadline,
                                          opset=max(prep.loaded.opset, 13), engine_cache=engine_cache,
                                          on_candidate=lambda _: advance(), warn=log.warning,
-                                         keys=_pareto_keys(constraints), prune=not exhaustive,
+                                         keys=search.pareto_keys(constraints), prune=not exhaustive,
                                          pairs={p.name: p for p in prep.pairs.pairs})
     itemsize = {n: l.dtype.itemsize for n, l in prep.layers.items()}
     ex = _Explored(prep, constraints, provider, threads, mode, metric, output, calib, evaluation, factors,
@@ -493,14 +486,14 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
         sensitivity = mode != "plain" and data is not None
     if sensitivity:
         probe = calib.take(0, min(sens.PROBE_SAMPLES, calib.samples))
-        probe_reference = _reference(results, ref_session, probe, prep, output, "probe", threads)
+        probe_reference = verify.reference(results, ref_session, probe, prep, output, "probe", threads)
         total = sum(len(sens.probes(space, n)) for n in space.candidates)
 
         def drop(name: str, cand) -> float:
             what = {"layer": name, "spec": cand.spec, "samples": probe.samples, "output": output}
             value = results.get("probe", what)
             if value is None:
-                value = 100.0 - _fidelity(ex, {name: cand}, probe, probe_reference)
+                value = 100.0 - verify.fidelity(ex, {name: cand}, probe, probe_reference)
                 results.put("probe", what, value)
             return value
 
@@ -513,19 +506,6 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     return ex
 
 
-def _reference(results: results_mod.Results, session, data: data_mod.Dataset, prep: _Prepared, output,
-               which: str, threads: int) -> np.ndarray:
-    """The original model's output on these samples (CPU; `session()` opens it), or what an
-    earlier run stored for them."""
-    what = {"samples": which, "count": data.samples, "output": output, "threads": threads}
-    stored = results.get_arrays("reference", what)
-    if stored is not None and set(stored) == {"outputs"}:
-        return stored["outputs"]
-    reference = metrics.outputs(session(), data, prep.loaded, output)
-    results.put_arrays("reference", what, {"outputs": reference})
-    return reference
-
-
 def default_jobs() -> int:
     """--jobs: every core this process may run on (timing never runs beside the jobs)."""
     import os
@@ -533,11 +513,6 @@ def default_jobs() -> int:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:          # not on Linux
         return max(os.cpu_count() or 1, 1)
-
-
-def _measured_on(provider: str, threads: int, timing: profile.Budget) -> dict:
-    """What a cached measurement depends on besides the model: where and how it was timed."""
-    return {"provider": provider, "threads": threads, "cpu": profile.cpu_model(), "timing": dataclasses.asdict(timing)}
 
 
 def _cache_folder(cache_dir) -> Path:
@@ -577,43 +552,6 @@ def _pairs(prep: _Prepared, methods, forced: dict, exhaustive: bool) -> list:
                  or p.params_share >= space_mod.NEGLIGIBLE_SHARE)]
 
 
-def _held_out_errors(ex: _Explored, choices: dict) -> dict[str, float]:
-    """Each rewritten layer's (a pair's: its consumer's) relative output error on the evaluation
-    samples, alone on the original model's inputs, as fitted on the calibration samples. Only
-    for independent calibration, and layers whose X^T X is small enough to keep whole."""
-    if ex.calibration != "independent":
-        return {}
-    rewritten = {n: c for n, c in choices.items() if not c.is_dense}
-    targets = {n: ex.prep.layers[c.choice.consumer or n] for n, c in rewritten.items()}
-    measured = [l for l in {t.name: t for t in targets.values()}.values()
-                if not l.scope and l.matrix_shape[0] <= calibrate.FULL_GRAM_MAX_INPUTS]
-    if not measured:
-        return {}
-    stats = calibrate.collect(ex.prep.loaded, measured, ex.evaluation, threads=ex.threads)
-    out = {}
-    for name, cand in rewritten.items():
-        target = targets[name]
-        if target.name not in stats:
-            continue
-        layer, diff = space_mod.change_of(ex.factors, cand, ex.prep.layers, ex.prep.pairs)
-        centered = ex.mode != "plain" and target.side != "left"
-        out[name] = space_mod.relative_output_error(layer, diff, stats[target.name].observed(centered))
-    return out
-
-
-def _held_out_errors_cached(ex: _Explored, choices: dict) -> dict[str, float]:
-    """_held_out_errors, or what an earlier run on the same inputs computed for this plan."""
-    what = {"plan": sorted((n, c.spec) for n, c in choices.items() if not c.is_dense),
-            "calibration": ex.calibration, "evaluation": ex.evaluation.samples}
-    stored = ex.results.get("held-out errors", what) if ex.results else None
-    if isinstance(stored, dict):
-        return stored
-    errors = _held_out_errors(ex, choices)
-    if ex.results:
-        ex.results.put("held-out errors", what, errors)
-    return errors
-
-
 def _sizes(prep: _Prepared) -> dict[str, dict[str, int]]:
     """What uniform fractions are of: each layer's full rank, each pair's inner channels. A layer
     whose factorization cannot pay off has no rank here (the uniform plan keeps it dense, pruned
@@ -621,173 +559,6 @@ def _sizes(prep: _Prepared) -> dict[str, dict[str, int]]:
     out = {n: {} if space_mod.cannot_pay_off(l) else {"rank": int(min(l.matrix_shape))} for n, l in prep.layers.items()}
     for pair in prep.pairs.pairs:
         out[pair.name]["keep"] = pair.channels
-    return out
-
-
-def _fidelity(ex: _Explored, choices: dict, data: data_mod.Dataset, reference: np.ndarray) -> float:
-    """100 x mean cosine of the outputs of the model rewritten by these choices to the original's (CPU)."""
-    _, new = _build(ex, choices)
-    session = create_session(new, "CPUExecutionProvider", ex.threads)
-    return metrics.score("cosine", metrics.outputs(session, data, ex.prep.loaded, ex.output), reference, None)
-
-
-def _pareto_keys(constraints: Constraints) -> tuple[str, ...]:
-    """What stage 3 compares: latency and error, plus params/FLOPs when a limit or the objective uses them."""
-    keys = ["latency", "error"]
-    if constraints.memory is not None or constraints.objective == "memory":
-        keys.append("params")
-    if constraints.flops is not None or constraints.objective == "flops":
-        keys.append("flops")
-    return tuple(keys)
-
-
-def _build(ex: _Explored, choices: dict) -> tuple[Plan, onnx.ModelProto]:
-    plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256,
-                calibration=ex.calibration)
-    return plan, _rewrite(ex.prep, ex.factors, plan, ex.calib, ex.threads)
-
-
-def _rewrite(prep: _Prepared, factors: space_mod.Factors, plan: Plan, calib=None, threads: int = 1) -> onnx.ModelProto:
-    """The model `plan` describes; a sequential data-aware plan is fitted stage by stage on `calib`."""
-    if plan.calibration == "sequential" and plan.factorization != "plain" and calib is not None:
-        return _rewrite_sequential(prep, factors, plan, calib, threads)
-    layers, factor_map = dict(prep.layers), {}
-    for name, choice in plan.rewritten().items():
-        with about_layer(name):
-            if choice.consumer:         # a pair pass fits the pair on its consumer's input statistics
-                layers[name] = prep.pairs.pair(name)
-                factor_map[name] = factors.pair_factors(layers[name], choice)
-            else:
-                layers[name], factor_map[name] = factors.rewrite_inputs(prep.layers[name], choice)
-    return rewrite_model(prep.loaded.proto, layers, plan, factor_map)
-
-
-def _rewrite_sequential(prep: _Prepared, factors: space_mod.Factors, plan: Plan, calib, threads: int) -> onnx.ModelProto:
-    """sequential.py: stage by stage, each layer (a pair: its consumer) anchored to the original
-    output on the inputs of the model rewritten so far, then fitted by its pass as usual. A
-    layer without full statistics, or not anchorable, is fitted independently."""
-    rewritten = plan.rewritten()
-    units = {n: (prep.layers[n].input, prep.layers[c.consumer or n].output) for n, c in rewritten.items()}
-    layers, factor_map, done = dict(prep.layers), {}, {}
-    for i, stage in enumerate(sequential.stages(sequential.depths(prep.loaded.proto.graph, units))):
-        anchors = {}
-        fitted = [prep.layers[rewritten[n].consumer or n] for n in stage]
-        fitted = [l for l in fitted if sequential.can_anchor(l) and getattr(factors.stats.get(l.name), "kind", "") == "full"]
-        if i > 0 and fitted:
-            partial = rewrite_model(prep.loaded.proto, layers, Plan(dict(done), plan.factorization), factor_map)
-            anchors = calibrate.collect_anchored(prep.loaded, partial, fitted, calib, threads=threads)
-        for name in stage:
-            choice = rewritten[name]
-            target = choice.consumer or name
-            with about_layer(name):
-                local = factors
-                if target in anchors:
-                    layer = sequential.anchored(prep.layers[target], space_mod.as_matrix, anchors[target])
-                    local = space_mod.Factors({**prep.layers, target: layer}, {target: anchors[target].stats()},
-                                              factors.mode)
-                if choice.consumer:
-                    pair = prep.pairs.pair(name)
-                    anchored_pair = dataclasses.replace(pair, consumer=local.layers[target])
-                    layers[name], factor_map[name] = pair, local.pair_factors(anchored_pair, choice)
-                else:
-                    layers[name], factor_map[name] = local.rewrite_inputs(local.layers[name], choice)
-            done[name] = choice
-    return rewrite_model(prep.loaded.proto, layers, plan, factor_map)
-
-
-AB_ROUNDS = 3
-
-
-def _verify_cached(ex: _Explored, choices: dict) -> search.Verified:
-    """_verify, or what it measured for this plan in an earlier run on the same inputs, machine,
-    provider and timing budget (so a second run reaches the same plan)."""
-    what = {"plan": sorted((n, c.spec) for n, c in choices.items() if not c.is_dense), "calibration": ex.calibration,
-            **_measured_on(ex.provider, ex.threads, ex.timing), "metric": ex.metric, "output": ex.output,
-            "evaluation": ex.evaluation.samples}
-    stored = ex.results.get("verified", what) if ex.results else None
-    if stored is not None:
-        with contextlib.suppress(TypeError):
-            return search.Verified(**stored)
-    verified = _verify(ex, choices)
-    if ex.results:
-        ex.results.put("verified", what, dataclasses.asdict(verified))
-    return verified
-
-
-def _verify(ex: _Explored, choices: dict) -> search.Verified:
-    """Build the whole model; time it A/B interleaved with the original; score it on held-out data."""
-    plan, new = _build(ex, choices)
-    original = ex.original()
-    candidate = create_session(new, ex.provider, ex.threads, ex.engine_cache)
-    a, b = [], []
-    for _ in range(AB_ROUNDS):
-        a.append(profile.time_session(original, ex.inputs, ex.provider, ex.timing).median)
-        b.append(profile.time_session(candidate, ex.inputs, ex.provider, ex.timing).median)
-    scoring = candidate if ex.provider == "CPUExecutionProvider" else create_session(new, "CPUExecutionProvider", ex.threads)
-    result = metrics.outputs(scoring, ex.evaluation, ex.prep.loaded, ex.output)
-    value = metrics.score(ex.metric, result, ex.reference, ex.evaluation.labels)
-    est = search.estimate(ex.space, choices, ex.baseline, ex.itemsize)
-    return search.Verified(float(np.median(b)), float(np.median(a)), value, _weight_bytes(new), int(est.flops))
-
-
-def _report(ex: _Explored, path, status, chosen: dict, verified: search.Verified | None, misses: list[str],
-            steps: list, plan: Plan | None) -> dict:
-    grid = ex.space.stage_counts.get("grid", 0)
-    never = sum(1 for c in ex.space.all() if c.latency is None)
-    stages = {**ex.space.stage_counts, "timed": ex.measure_stats.timed, "cached": ex.measure_stats.cached,
-              "timing_failed": ex.measure_stats.failed, "not_timed_budget": ex.measure_stats.skipped_budget,
-              "never_timed_share": never / grid if grid else 0.0,
-              # layer errors, probes and verified plans an earlier run with the same inputs computed
-              "results_cached": dict(ex.results.hits) if ex.results else {}}
-    b = ex.baseline
-    params_total = ex.prep.discovery.total_params
-    out = {
-        "status": status, "model": str(path), "model_sha256": ex.prep.loaded.sha256,
-        "provider": ex.provider, "threads": ex.threads,
-        "input_shapes": {k: list(v) for k, v in ex.prep.loaded.input_shapes.items()},
-        "factorization": ex.mode, "calibration": ex.calibration, "metric": ex.metric,
-        "samples": {"calibration": ex.calib.samples, "evaluation": ex.evaluation.samples,
-                    "synthetic": ex.calib.synthetic},
-        "constraints": {"latency": ex.constraints.latency and ex.constraints.latency.text,
-                        "memory": ex.constraints.memory and ex.constraints.memory.text,
-                        "flops": ex.constraints.flops and ex.constraints.flops.text,
-                        "max_accuracy_drop": ex.constraints.max_accuracy_drop,
-                        "objective": ex.constraints.objective},
-        "baseline": {"latency_s": b.latency, "bytes": b.bytes, "flops": b.flops, "metric": b.metric,
-                     "params": params_total},
-        "stages": stages, "misses": misses,
-        "kept_dense": ex.kept_dense, "statistics": ex.statistics,
-        "memory_budget_bytes": ex.memory_budget, "peak_memory_bytes": report.peak_memory_bytes(),
-        "sensitivity": {n: {"scale": ex.space.error_scale.get(n, 1.0), "probes": p} for n, p in ex.sensitivity.items()},
-        "plan": plan.to_json() if plan else None,
-        "verifications": [_step_row(ex, s) for s in steps if s.verified is not None],
-        "candidates": report.candidate_rows(ex.space, chosen),
-    }
-    if verified is not None:
-        params = params_total + sum(ex.space.delta(c, "params") for c in chosen.values())
-        out["result"] = {"latency_s": b.latency * verified.latency / verified.baseline_latency,
-                         "latency_ab_s": [verified.baseline_latency, verified.latency],
-                         "speedup": verified.speedup, "bytes": verified.bytes, "flops": verified.flops,
-                         "params": params, "metric": verified.metric, "metric_drop": b.metric - verified.metric}
-    return out
-
-
-def _step_row(ex: _Explored, step) -> dict:
-    v = step.verified
-    params = ex.prep.discovery.total_params + sum(ex.space.delta(c, "params") for c in step.choices.values())
-    return {"error_budget": step.error_budget, "uniform": step.label, "estimated_error": step.estimate.error,
-            "metric_drop": ex.baseline.metric - v.metric,
-            "latency_s": ex.baseline.latency * v.latency / v.baseline_latency,
-            "speedup": v.speedup, "metric": v.metric, "bytes": v.bytes, "flops": v.flops, "params": params,
-            "misses": list(step.misses), "plan": {n: c.spec for n, c in step.choices.items() if not c.is_dense}}
-
-
-def missed_line(misses: dict) -> list[str]:
-    out = []
-    for name, (reached, limit) in misses.items():
-        fmt = {"latency": format_seconds, "memory": format_bytes, "flops": format_flops}.get(name, lambda v: f"{v:.2f}")
-        pct = f" (+{100 * (reached / limit - 1):.0f}%)" if limit > 0 else ""
-        out.append(f"{name} {fmt(reached)} > {fmt(limit)}{pct}")
     return out
 
 
@@ -817,7 +588,7 @@ def _explore_reports(path, prefix, *, force=False, progress: Progress | None = N
                            memo=ex.results) or {}
     plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256,
                 calibration=ex.calibration)
-    data = _report(ex, path, "explored" if choices else "infeasible", choices, None, [], [], plan)
+    data = report.explore_report(ex, path, "explored" if choices else "infeasible", choices, None, [], [], plan)
     if choices:
         e = search.estimate(ex.space, choices, ex.baseline, ex.itemsize)
         data["estimate"] = {"latency_s": e.latency, "bytes": e.bytes, "flops": e.flops, "summed_layer_error": e.error}
@@ -881,13 +652,13 @@ def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective
     uniform = search.uniform_plans(ex.space, _sizes(ex.prep), ex.baseline, limits, ex.itemsize)
     with (progress or Progress()).task("verifying plans end to end", most + len(uniform)) as advance:
         found = search.choose(ex.space, ex.baseline, limits, ex.constraints.objective, ex.itemsize,
-                              lambda choices: _verify_cached(ex, choices), most, on_step=lambda _: advance(),
+                              lambda choices: verify.verify_cached(ex, choices), most, on_step=lambda _: advance(),
                               uniform=uniform, memo=ex.results)
     status = "ok" if found.feasible else "infeasible"
-    plan, new = _build(ex, found.choices)
-    misses = missed_line(found.misses)
-    held_out = _held_out_errors_cached(ex, found.choices)
-    data_out = _report(ex, path, status, found.choices, found.verified, misses, found.steps, plan)
+    plan, new = verify.build(ex, found.choices)
+    misses = report.missed_line(found.misses)
+    held_out = verify.held_out_errors_cached(ex, found.choices)
+    data_out = report.explore_report(ex, path, status, found.choices, found.verified, misses, found.steps, plan)
     data_out["held_out_errors"] = held_out
     # how the verified uniform plans corrected the estimates: x prune's error, against factorization's
     data_out["error_correction"] = found.method_scale
@@ -900,9 +671,11 @@ def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective
             result.files += model_mod.write_model(new, paths["model"], external)
             report.write_json(paths["plan"], plan.to_json())
             result.files.append(paths["plan"])
-            for k, alt in enumerate(_alternatives(ex, limits, found, top_k), start=1):
+            alternatives = search.alternatives(ex.space, ex.baseline, limits, ex.constraints.objective,
+                                               ex.itemsize, found, top_k, memo=ex.results)
+            for k, alt in enumerate(alternatives, start=1):
                 alt_model, alt_plan_path = report.alt_paths(paths["model"], k)
-                alt_plan, alt_new = _build(ex, alt)
+                alt_plan, alt_new = verify.build(ex, alt)
                 result.files += model_mod.write_model(alt_new, alt_model, external)
                 report.write_json(alt_plan_path, alt_plan.to_json())
                 result.files.append(alt_plan_path)
@@ -924,25 +697,6 @@ def _all_or_nothing(files: list[Path]):
             with contextlib.suppress(OSError):
                 Path(path).unlink()
         raise
-
-
-def _alternatives(ex: _Explored, limits, found, k: int) -> list[dict]:
-    """The next best distinct plans by the MILP (estimated within the limits), for --top-k."""
-    out: list[dict] = []
-    excluded = [found.choices]
-    space = dataclasses.replace(ex.space, method_scale=found.method_scale)     # as the search weighed them
-    worst = sum(max((space.weighted_error(c) for c in space.alive(n)), default=0.0) for n in space.candidates)
-    budget = sum(space.weighted_error(c) for c in found.choices.values())
-    for _ in range(k):
-        choices = search.solve(space, ex.baseline, limits, ex.constraints.objective, max(budget, 1e-12),
-                               ex.itemsize, exclude=excluded, memo=ex.results) or \
-            search.solve(space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize, exclude=excluded,
-                         memo=ex.results)
-        if not choices:
-            break
-        out.append(choices)
-        excluded.append(choices)
-    return out
 
 
 def profile_model(path, provider="cpu", threads=1, input_shapes=None) -> dict:

@@ -7,8 +7,15 @@ import json
 import math
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .constraints import format_bytes, format_flops, format_seconds
 from .model import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from . import search
+    from .api import _Explored
+    from .plan import Plan
 
 
 def peak_memory_bytes() -> int | None:
@@ -195,3 +202,66 @@ def _results_line(hits: dict) -> str:
              "held-out errors": "held-out layer errors", "solution": "solver runs"}
     parts = [f"{n} {names.get(kind, kind)}" for kind, n in sorted(hits.items()) if n]
     return f" From the results cache: {', '.join(parts)}." if parts else ""
+
+
+def explore_report(ex: "_Explored", path, status, chosen: dict, verified: "search.Verified | None",
+                   misses: list[str], steps: list, plan: "Plan | None") -> dict:
+    """report.json's content for a run (`ex`, api._explore's), its chosen plan and the verifications."""
+    grid = ex.space.stage_counts.get("grid", 0)
+    never = sum(1 for c in ex.space.all() if c.latency is None)
+    stages = {**ex.space.stage_counts, "timed": ex.measure_stats.timed, "cached": ex.measure_stats.cached,
+              "timing_failed": ex.measure_stats.failed, "not_timed_budget": ex.measure_stats.skipped_budget,
+              "never_timed_share": never / grid if grid else 0.0,
+              # layer errors, probes and verified plans an earlier run with the same inputs computed
+              "results_cached": dict(ex.results.hits) if ex.results else {}}
+    b = ex.baseline
+    params_total = ex.prep.discovery.total_params
+    out = {
+        "status": status, "model": str(path), "model_sha256": ex.prep.loaded.sha256,
+        "provider": ex.provider, "threads": ex.threads,
+        "input_shapes": {k: list(v) for k, v in ex.prep.loaded.input_shapes.items()},
+        "factorization": ex.mode, "calibration": ex.calibration, "metric": ex.metric,
+        "samples": {"calibration": ex.calib.samples, "evaluation": ex.evaluation.samples,
+                    "synthetic": ex.calib.synthetic},
+        "constraints": {"latency": ex.constraints.latency and ex.constraints.latency.text,
+                        "memory": ex.constraints.memory and ex.constraints.memory.text,
+                        "flops": ex.constraints.flops and ex.constraints.flops.text,
+                        "max_accuracy_drop": ex.constraints.max_accuracy_drop,
+                        "objective": ex.constraints.objective},
+        "baseline": {"latency_s": b.latency, "bytes": b.bytes, "flops": b.flops, "metric": b.metric,
+                     "params": params_total},
+        "stages": stages, "misses": misses,
+        "kept_dense": ex.kept_dense, "statistics": ex.statistics,
+        "memory_budget_bytes": ex.memory_budget, "peak_memory_bytes": peak_memory_bytes(),
+        "sensitivity": {n: {"scale": ex.space.error_scale.get(n, 1.0), "probes": p} for n, p in ex.sensitivity.items()},
+        "plan": plan.to_json() if plan else None,
+        "verifications": [step_row(ex, s) for s in steps if s.verified is not None],
+        "candidates": candidate_rows(ex.space, chosen),
+    }
+    if verified is not None:
+        params = params_total + sum(ex.space.delta(c, "params") for c in chosen.values())
+        out["result"] = {"latency_s": b.latency * verified.latency / verified.baseline_latency,
+                         "latency_ab_s": [verified.baseline_latency, verified.latency],
+                         "speedup": verified.speedup, "bytes": verified.bytes, "flops": verified.flops,
+                         "params": params, "metric": verified.metric, "metric_drop": b.metric - verified.metric}
+    return out
+
+
+def step_row(ex: "_Explored", step) -> dict:
+    v = step.verified
+    params = ex.prep.discovery.total_params + sum(ex.space.delta(c, "params") for c in step.choices.values())
+    return {"error_budget": step.error_budget, "uniform": step.label, "estimated_error": step.estimate.error,
+            "metric_drop": ex.baseline.metric - v.metric,
+            "latency_s": ex.baseline.latency * v.latency / v.baseline_latency,
+            "speedup": v.speedup, "metric": v.metric, "bytes": v.bytes, "flops": v.flops, "params": params,
+            "misses": list(step.misses), "plan": {n: c.spec for n, c in step.choices.items() if not c.is_dense}}
+
+
+def missed_line(misses: dict) -> list[str]:
+    """Each missed limit as `name reached > limit (+x%)`."""
+    out = []
+    for name, (reached, limit) in misses.items():
+        fmt = {"latency": format_seconds, "memory": format_bytes, "flops": format_flops}.get(name, lambda v: f"{v:.2f}")
+        pct = f" (+{100 * (reached / limit - 1):.0f}%)" if limit > 0 else ""
+        out.append(f"{name} {fmt(reached)} > {fmt(limit)}{pct}")
+    return out

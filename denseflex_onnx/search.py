@@ -440,3 +440,32 @@ def _objective(step: Step, objective: str) -> float:
 
 def _miss_score(m: dict[str, tuple[float, float]]) -> float:
     return sum(reached / limit - 1 if limit > 0 else reached for reached, limit in m.values())
+
+
+def pareto_keys(constraints: Constraints) -> tuple[str, ...]:
+    """What stage 3 compares: latency and error, plus params/FLOPs when a limit or the objective uses them."""
+    keys = ["latency", "error"]
+    if constraints.memory is not None or constraints.objective == "memory":
+        keys.append("params")
+    if constraints.flops is not None or constraints.objective == "flops":
+        keys.append("flops")
+    return tuple(keys)
+
+
+def alternatives(space: Space, baseline: Baseline, limits: Limits, objective: str, itemsize: dict[str, int],
+                 found: SearchResult, k: int, memo=None) -> list[dict]:
+    """The next best distinct plans by the MILP (estimated within the limits), for --top-k."""
+    out: list[dict] = []
+    excluded = [found.choices]
+    space = dataclasses.replace(space, method_scale=found.method_scale)     # as the search weighed them
+    worst = sum(max((space.weighted_error(c) for c in space.alive(n)), default=0.0) for n in space.candidates)
+    budget = sum(space.weighted_error(c) for c in found.choices.values())
+    for _ in range(k):
+        choices = solve(space, baseline, limits, objective, max(budget, 1e-12), itemsize, exclude=excluded,
+                        memo=memo) or \
+            solve(space, baseline, limits, objective, worst, itemsize, exclude=excluded, memo=memo)
+        if not choices:
+            break
+        out.append(choices)
+        excluded.append(choices)
+    return out
