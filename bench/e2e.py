@@ -226,13 +226,13 @@ def heldout_layer_error(key: str, plan: dict, mode: str) -> float:
     layer as written (factors and corrected bias, fitted on the first CALIB samples), computed from
     the held-out activations' X^T X: the same yardstick for every factorization, independent of
     the tool's own estimate (which is made on the calibration samples)."""
-    from denseflex_onnx import calibrate, data as data_mod, layers as layers_mod, model as model_mod
+    from denseflex_onnx import calibrate, data as data_mod, layers as layers_mod, loading
     from denseflex_onnx.passes import PASSES
     from denseflex_onnx.plan import Choice
     from denseflex_onnx.space import Factors, as_matrix
 
     m = MODELS[key]
-    loaded = model_mod.load(m.path, m.input_shapes)
+    loaded = loading.load(m.path, m.input_shapes)
     found = {l.name: l for l in layers_mod.find_layers(loaded).layers}
     calib, held = data_mod.split(data_mod.load_data(m.data, loaded), CALIB)
     chosen = [found[n] for n in sorted(plan)]
@@ -352,6 +352,9 @@ class Bench:
         rep = result.report
         cands = rep["candidates"]
         chosen = [c for c in cands if c["chosen"]]
+        # a chosen pair's figures are the whole pair's: its consumer's (dense) row is not counted again
+        covered = {n for c in chosen for n in c.get("covers", ())}
+        chosen = [c for c in chosen if c["layer"] not in covered]
         dense_flops = sum(c["flops"] for c in cands if c["spec"] == "dense")
         models = [Path(f) for f in result.files if str(f).endswith(".onnx")]
         rec = {"model": key, "tag": tag, "constraint": tag, "factorization": rep["factorization"], "objective": objective,

@@ -72,7 +72,9 @@ def candidate_rows(space, chosen: dict) -> list[dict]:
                          "flops": c.flops, "error": None if math.isnan(c.error) else round(c.error, 6),
                          "latency_ms": None if c.latency is None else round(c.latency * 1e3, 5),
                          "p90_ms": None if c.p90 is None else round(c.p90 * 1e3, 5),
-                         "dropped": c.dropped, "chosen": chosen.get(name) is c})
+                         "dropped": c.dropped, "chosen": chosen.get(name) is c,
+                         # a pair's candidate replaces these layers too (its params and FLOPs are the pair's)
+                         "covers": list(c.covers)})
     return rows
 
 
