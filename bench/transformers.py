@@ -47,7 +47,7 @@ if __name__ == "__main__":
         os.environ.setdefault(_var, "1")
 
 import denseflex_onnx
-from denseflex_onnx import data as data_mod, metrics, model as model_mod, profile
+from denseflex_onnx import data as data_mod, loading, metrics, profile
 from denseflex_onnx.runtime import create_session
 
 from bench import e2e
@@ -132,7 +132,7 @@ class Bench:
         return rec
 
     def run_int8(self) -> dict:
-        loaded = model_mod.load(self.model, SHAPES)
+        loaded = loading.load(self.model, SHAPES)
         calib, held = data_mod.split(data_mod.load_data(DATA, loaded), e2e.CALIB)
         int8 = e2e.quantize(self.model, self.tmp / "int8.onnx")
         t = time.monotonic()

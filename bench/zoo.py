@@ -269,11 +269,11 @@ def baselines(path: Path, data: Path, shapes: dict, layers: list[dict], folder: 
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from denseflex_onnx import api, data as data_mod, metrics, model as model_mod, profile
+    from denseflex_onnx import api, data as data_mod, loading, metrics, profile
     from denseflex_onnx.runtime import create_session
 
     out: dict = {}
-    loaded = model_mod.load(path, shapes)
+    loaded = loading.load(path, shapes)
     calib, evaluation = data_mod.split(data_mod.load_data(data, loaded), 128)
     reference = metrics.outputs(create_session(loaded.proto), evaluation, loaded, None)
     models = {"original": path}

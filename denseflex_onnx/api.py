@@ -20,7 +20,7 @@ import onnx
 
 from . import sensitivity as sens
 from . import calibrate, data as data_mod, layers as layers_mod, metrics, model as model_mod, profile, report, search, space as space_mod
-from . import pairs as pairs_mod, results as results_mod, verify
+from . import loading, pairs as pairs_mod, results as results_mod, verify
 from .constraints import Constraints, METRICS, format_bytes, parse_memory_budget
 from .errors import UserError
 from .passes import PASSES
@@ -69,7 +69,7 @@ def parse_time_budget(text: str | None) -> float | None:
 
 def inspect(path, input_shapes: dict | None = None) -> dict:
     """The `inspect --json` object of CLI.md."""
-    loaded = model_mod.load(path, input_shapes)
+    loaded = loading.load(path, input_shapes)
     found = layers_mod.find_layers(loaded)
     return {
         "model": str(path), "opset": loaded.opset, "ir_version": loaded.ir_version,
@@ -107,7 +107,7 @@ def _check_counts(**values) -> None:
 
 
 def _prepare(path, input_shapes) -> _Prepared:
-    loaded = model_mod.load(path, input_shapes)
+    loaded = loading.load(path, input_shapes)
     found = layers_mod.find_layers(loaded)
     if not found.layers:
         reasons = "; ".join(sorted({s.reason for s in found.skipped})) or "no Gemm, MatMul or Conv node"
@@ -236,6 +236,9 @@ def _forced(prep: _Prepared, layer_specs, exclude) -> dict[str, Choice]:
     return forced
 
 
+# ------------------------------------------------------------------------------------------- apply
+
+
 def _blas_threads(threads: int):
     """numpy/scipy's BLAS limited to the run's thread count: on a shared machine an
     oversubscribed BLAS made decompositions several times slower, and timings noisier."""
@@ -358,7 +361,7 @@ def _summary(prep: _Prepared, plan: Plan, new: onnx.ModelProto) -> dict:
             rows.append({"layer": name, "spec": choice.spec, "params": [int(layer.params), int(p)],
                          "flops": [int(layer.flops), int(f)]})
     return {"rewritten": rows, "layer_params": [params_before, params_after], "layer_flops": [flops_before, flops_after],
-            "model_bytes": [verify.weight_bytes(prep.loaded.proto), verify.weight_bytes(new)],
+            "model_bytes": [model_mod.weight_bytes(prep.loaded.proto), model_mod.weight_bytes(new)],
             "model_flops": [prep.discovery.total_flops, prep.discovery.total_flops - flops_before + flops_after]}
 
 
@@ -463,7 +466,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
         reference = verify.reference(results, ref_session, evaluation, prep, output, "evaluation", threads)
         base_metric = metrics.score(metric, reference, reference, evaluation.labels)
         advance()
-    baseline = search.Baseline(base_timing.median, verify.weight_bytes(prep.loaded.proto),
+    baseline = search.Baseline(base_timing.median, model_mod.weight_bytes(prep.loaded.proto),
                                prep.discovery.total_flops, base_metric)
 
     cache = profile.Cache(None if no_cache else Path(cache_dir) if cache_dir else profile.default_cache_dir(),
@@ -702,7 +705,7 @@ def _all_or_nothing(files: list[Path]):
 def profile_model(path, provider="cpu", threads=1, input_shapes=None) -> dict:
     provider = resolve_provider(provider)
     _check_counts(threads=threads)
-    loaded = model_mod.load(path, input_shapes)
+    loaded = loading.load(path, input_shapes)
     session = create_session(loaded.proto if loaded.proto.ByteSize() < model_mod.PROTOBUF_LIMIT else path,
                              provider, threads)
     inputs = profile.random_inputs(session, loaded.input_shapes)

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import UserError
-from .model import PROTOBUF_LIMIT, first_line
+from .model import PROTOBUF_LIMIT, first_line, save_external
 
 log = logging.getLogger("denseflex_onnx")
 
@@ -67,7 +67,6 @@ def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "
 
 def _session_by_path(model: onnx.ModelProto, options, providers) -> ort.InferenceSession:
     """A model over 2 GB goes to onnxruntime as a file with external data, in a temporary folder."""
-    from .model import save_external
     with tempfile.TemporaryDirectory(prefix="denseflex-big-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         ir = model.ir_version

@@ -26,13 +26,6 @@ if TYPE_CHECKING:
     from .api import _Explored, _Prepared
 
 
-def weight_bytes(proto: onnx.ModelProto) -> int:
-    return model_mod.weight_bytes(proto)
-
-
-# ------------------------------------------------------------------------------------------- apply
-
-
 def reference(results: results_mod.Results, session, data: data_mod.Dataset, prep: _Prepared, output,
                which: str, threads: int) -> np.ndarray:
     """The original model's output on these samples (CPU; `session()` opens it), or what an
@@ -181,4 +174,4 @@ def verify(ex: _Explored, choices: dict) -> search.Verified:
     result = metrics.outputs(scoring, ex.evaluation, ex.prep.loaded, ex.output)
     value = metrics.score(ex.metric, result, ex.reference, ex.evaluation.labels)
     est = search.estimate(ex.space, choices, ex.baseline, ex.itemsize)
-    return search.Verified(float(np.median(b)), float(np.median(a)), value, weight_bytes(new), int(est.flops))
+    return search.Verified(float(np.median(b)), float(np.median(a)), value, model_mod.weight_bytes(new), int(est.flops))

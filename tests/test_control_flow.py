@@ -6,7 +6,7 @@ import pytest
 
 import denseflex_onnx
 from denseflex_onnx.layers import find_layers
-from denseflex_onnx.model import load
+from denseflex_onnx.loading import load
 from denseflex_onnx.passes import PASSES
 from denseflex_onnx.plan import Choice, Plan, parse_spec
 from denseflex_onnx.rewrite import rewrite_model

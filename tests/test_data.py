@@ -13,14 +13,14 @@ import pytest
 import graphs
 import graphs_extra as gx
 from denseflex_onnx import data as D
-from denseflex_onnx import model as M
+from denseflex_onnx import loading, model as M
 from denseflex_onnx.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def loaded(m, tmp_path, shapes=None, name="m.onnx"):
-    return M.load(graphs.save(m, tmp_path / name), shapes)
+    return loading.load(graphs.save(m, tmp_path / name), shapes)
 
 
 def npz(tmp_path, name="d.npz", **arrays) -> Path:
@@ -237,7 +237,7 @@ def test_integer_input_without_gather_asks_for_data(tmp_path):
 
 @pytest.mark.parametrize("name,shape,minimum", [("mnist_mlp", (1, 784), 0.92), ("mnist_cnn", (1, 1, 28, 28), 0.95)])
 def test_bundled_models_reach_their_accuracy(name, shape, minimum):
-    model = M.load(ROOT / f"models/{name}.onnx", {"x": shape})
+    model = loading.load(ROOT / f"models/{name}.onnx", {"x": shape})
     ds = D.load_data(ROOT / f"models/{name}_val.npz", model)
     assert ds.samples == 1000 and ds.labels is not None and len(ds.labels) == 1000
     session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
@@ -266,12 +266,12 @@ def _stateful(path):
 
 
 def test_a_state_tied_to_a_symbolic_batch_is_fed_whole_at_the_given_batch(tmp_path):
-    from denseflex_onnx import api, data as data_mod, model as model_mod
+    from denseflex_onnx import api, data as data_mod, loading
     path = _stateful(tmp_path / "s.onnx")
     x = np.random.default_rng(1).standard_normal((40, 4)).astype(np.float32)
     state = np.ones((2, 1, 3), np.float32)
     np.savez(tmp_path / "d.npz", x=x, state=state)
-    loaded = model_mod.load(path, {"x": (1, 4), "state": (2, 1, 3)})
+    loaded = loading.load(path, {"x": (1, 4), "state": (2, 1, 3)})
     dataset = data_mod.load_data(tmp_path / "d.npz", loaded)
     assert set(dataset.fixed) == {"state"} and dataset.samples == 40
     assert data_mod.batching(loaded, dataset.fixed) == (1, False)

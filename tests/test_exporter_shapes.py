@@ -23,7 +23,8 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 import denseflex_onnx
 from denseflex_onnx.errors import UserError
-from denseflex_onnx.model import infer_shapes, load
+from denseflex_onnx.loading import load
+from denseflex_onnx.model import infer_shapes
 from denseflex_onnx.profile import Budget, time_session
 from denseflex_onnx.runtime import create_session
 

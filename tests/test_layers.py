@@ -15,12 +15,12 @@ from onnx import helper
 import graphs
 import graphs_extra as gx
 from denseflex_onnx import layers as L
-from denseflex_onnx import model as M
+from denseflex_onnx import loading, model as M
 
 
 def discover(m: onnx.ModelProto, tmp_path, shapes=None):
     path = graphs.save(m, tmp_path / "m.onnx")
-    loaded = M.load(path, shapes)
+    loaded = loading.load(path, shapes)
     return loaded, L.find_layers(loaded)
 
 
@@ -488,7 +488,7 @@ def test_layer_names_unique_and_default_to_output(tmp_path):
 def test_bundled_cnn_layers(tmp_path):
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    loaded = M.load(root / "models/mnist_cnn.onnx", {"x": (2, 1, 28, 28)})
+    loaded = loading.load(root / "models/mnist_cnn.onnx", {"x": (2, 1, 28, 28)})
     found = L.find_layers(loaded)
     assert [l.op for l in found.layers] == ["Conv", "Conv", "Conv", "Gemm", "Gemm"]
     assert [l.weight.shape for l in found.layers] == [(32, 1, 3, 3), (64, 32, 3, 3), (64, 64, 3, 3),

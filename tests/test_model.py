@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 import graphs
 import graphs_extra as gx
-from denseflex_onnx import model as M
+from denseflex_onnx import loading, model as M
 from denseflex_onnx.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_unknown_dim_without_name_is_an_error():
 
 def test_load_fields(tmp_path):
     path = graphs.save(graphs.matmul(12, 10, lead=("N", "S"), bias=True), tmp_path / "m.onnx")
-    loaded = M.load(path, {"X": (2, 5, 12)})
+    loaded = loading.load(path, {"X": (2, 5, 12)})
     assert loaded.path == path
     assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert loaded.input_shapes == {"X": (2, 5, 12)}
@@ -139,7 +139,7 @@ def test_load_fields(tmp_path):
 
 def test_load_bundled_mlp_default_batch(caplog):
     with caplog.at_level(logging.WARNING, logger="denseflex_onnx"):
-        loaded = M.load(MLP)
+        loaded = loading.load(MLP)
     assert loaded.input_shapes == {"x": (1, 784)}
     assert loaded.shapes["logits"] == (1, 10)
     assert any("x" in r.getMessage() for r in caplog.records)
@@ -228,7 +228,7 @@ def test_write_model_external_data_beside_it(tmp_path):
     assert external is True
     for i in again.graph.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(i), weights[i.name])
-    loaded = M.load(path, {"X": (1, 64)})
+    loaded = loading.load(path, {"X": (1, 64)})
     assert loaded.external_data is True
 
 

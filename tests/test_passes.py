@@ -33,7 +33,7 @@ import graphs  # noqa: E402
 from denseflex_onnx.calibrate import LayerStats  # noqa: E402
 from denseflex_onnx.errors import UserError  # noqa: E402
 from denseflex_onnx.layers import find_layers  # noqa: E402
-from denseflex_onnx.model import load  # noqa: E402
+from denseflex_onnx.loading import load  # noqa: E402
 from denseflex_onnx.passes import PASSES  # noqa: E402
 from denseflex_onnx.passes import tt as tt_pass  # noqa: E402
 from denseflex_onnx.plan import Choice, Plan, parse_spec  # noqa: E402

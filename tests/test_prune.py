@@ -20,7 +20,7 @@ import graphs
 from graphs import init, model, rng, value
 from graphs_extra import run
 
-from denseflex_onnx import api, calibrate, layers as layers_mod, model as model_mod, pairs as pairs_mod
+from denseflex_onnx import api, calibrate, layers as layers_mod, loading, model as model_mod, pairs as pairs_mod
 from denseflex_onnx.data import Dataset
 from denseflex_onnx.errors import UserError
 from denseflex_onnx.passes import prune
@@ -106,7 +106,7 @@ def between(op: str, seed=0) -> onnx.ModelProto:
 # ------------------------------------------------------------------------------------ helpers
 
 def load(m: onnx.ModelProto, tmp_path: Path, shapes: dict) -> model_mod.LoadedModel:
-    return model_mod.load(graphs.save(m, tmp_path / "m.onnx"), shapes)
+    return loading.load(graphs.save(m, tmp_path / "m.onnx"), shapes)
 
 
 def discover(m, tmp_path, shapes):
