@@ -13,7 +13,7 @@ import pytest
 import graphs
 import graphs_extra as gx
 from denseflex_onnx import data as D
-from denseflex_onnx import loading, model as M
+from denseflex_onnx import loading
 from denseflex_onnx.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

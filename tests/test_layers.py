@@ -15,7 +15,7 @@ from onnx import helper
 import graphs
 import graphs_extra as gx
 from denseflex_onnx import layers as L
-from denseflex_onnx import loading, model as M
+from denseflex_onnx import loading
 
 
 def discover(m: onnx.ModelProto, tmp_path, shapes=None):
