@@ -173,5 +173,6 @@ def verify(ex: _Explored, choices: dict) -> search.Verified:
     scoring = candidate if ex.provider == "CPUExecutionProvider" else create_session(new, "CPUExecutionProvider", ex.threads)
     result = metrics.outputs(scoring, ex.evaluation, ex.prep.loaded, ex.output)
     value = metrics.score(ex.metric, result, ex.reference, ex.evaluation.labels)
-    est = search.estimate(ex.space, choices, ex.baseline, ex.itemsize)
-    return search.Verified(float(np.median(b)), float(np.median(a)), value, model_mod.weight_bytes(new), int(est.flops))
+    # FLOPs are exact from the choices; their latencies are not needed (a uniform plan's may be untimed)
+    flops = ex.baseline.flops + sum(ex.space.delta(c, "flops") for c in choices.values())
+    return search.Verified(float(np.median(b)), float(np.median(a)), value, model_mod.weight_bytes(new), int(flops))

@@ -204,3 +204,25 @@ def test_time_budget_stops_timing_and_chooses_among_the_timed(small_mlp, tmp_pat
     assert {r["dropped"] for r in rows if r["method"] != "dense" and r["latency_ms"] is None} <= {
         "not timed (time budget)", "saves nothing", "dominated"}
     assert result.plan.to_json()["layers"] == {}
+
+
+def test_a_uniform_plan_with_untimed_candidates_is_verified_on_the_bundled_cnn(tmp_path):
+    """The CNN's Conv-Relu-Conv pairs put `keep F everywhere` among the verified plans, with
+    prune candidates that were never timed (dominated before timing): verifying it crashed
+    (exit 1) reading their latency."""
+    cnn, data = ROOT / "models/mnist_cnn.onnx", ROOT / "models/mnist_cnn_val.npz"
+    result = denseflex_onnx.optimize(cnn, tmp_path / "small.onnx", latency="-30%", max_accuracy_drop=1, data=data,
+                                     cache_dir=tmp_path / "cache", timing=FAST)
+    uniform = [v for v in result.report["verifications"] if v["uniform"]]
+    assert any(v["uniform"].startswith("keep") for v in uniform)
+    untimed = {(c["layer"], c["spec"]) for c in result.report["candidates"] if c["latency_ms"] is None}
+    assert any((n, s) in untimed for v in uniform for n, s in v["plan"].items())
+    # their FLOPs are the choices' exact sum
+    rows = {(c["layer"], c["spec"]): c for c in result.report["candidates"]}
+    for v in uniform:
+        covered = {m for n, s in v["plan"].items() for m in rows[n, s]["covers"]}
+        dense = {c["layer"]: c["flops"] for c in result.report["candidates"] if c["spec"] == "dense"}
+        expected = sum(rows[n, v["plan"][n]]["flops"] if n in v["plan"] else f
+                       for n, f in dense.items() if n not in covered)
+        assert v["flops"] == expected
+    assert (tmp_path / "small.onnx").exists() or (tmp_path / "small.closest.onnx").exists()
