@@ -432,3 +432,41 @@ def test_a_budget_below_what_the_limits_allow_jumps_to_the_least_error_plan(seed
     assert "accuracy drop" not in result.misses and "flops" in result.misses
     kept = [s for s in result.steps if "accuracy drop" not in s.misses]
     assert result.verified.flops == min(s.verified.flops for s in kept)
+
+
+def test_the_result_is_the_plan_that_measured_best_not_the_one_estimated_best():
+    """Whole models do not run at their summed one-layer latencies: a uniform plan estimated
+    slower than the searched ones but measured 3x faster than any of them must be the result."""
+    space, sizes = family_space(np.random.default_rng(0))
+    baseline = family_baseline(space)
+    itemsize = {n: 4 for n in space.candidates}
+    limits = Limits(0.9 * baseline.latency, None, None, accuracy_drop=1.0)
+    from denseflex_onnx.search import uniform_plans
+    uniform = uniform_plans(space, sizes, baseline, limits, itemsize)
+
+    def verify(choices):
+        e = estimate(space, {n: c for n, c in choices.items() if c.latency is not None}, baseline, itemsize)
+        measured = 0.1 * baseline.latency if any(p.choices == choices for p in uniform) else 0.3 * baseline.latency
+        return Verified(measured, baseline.latency, baseline.metric - 0.5, int(e.bytes), int(e.flops))
+
+    result = choose(space, baseline, limits, "latency", itemsize, verify, uniform=uniform)
+    assert uniform and result.feasible and result.verified.latency == pytest.approx(0.1 * baseline.latency)
+    assert any(s.label is None for s in result.steps)          # the search's plans were verified too
+
+
+def test_the_next_budget_is_read_off_the_measured_plans_in_log_log():
+    """drop = 40 x error^2 exactly: from a plan below the aimed drop and one far above it, the
+    secant in log-log lands on the error whose drop is AIM x the limit; from the far one alone,
+    proportional scaling would aim 20x lower than that."""
+    from denseflex_onnx.search import AIM, Step, _aimed, Estimate
+    baseline = Baseline(1.0, 1000, 1000, 90.0)
+    limits = Limits(None, None, None, accuracy_drop=1.0)
+    drop = lambda e: 40.0 * e ** 2
+
+    def step(e):
+        return Step(None, None, {}, Estimate(1.0, 1000, 1000, e), verified=Verified(1.0, 1.0, 90.0 - drop(e), 1, 1))
+
+    aimed = _aimed([step(0.05), step(1.0)], baseline, limits, 1e-6, 100.0)
+    assert drop(aimed) == pytest.approx(AIM * limits.accuracy_drop, rel=1e-9)
+    alone = _aimed([step(1.0)], baseline, limits, 1e-6, 100.0)
+    assert alone == pytest.approx(AIM / 40.0) and alone < aimed / 5
