@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import threading
 import zipfile
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class Results:
         self.folder = folder
         self.context = {**context, "format": FORMAT, "code": code_digest()}
         self.hits: dict[str, int] = {}
+        self._counting = threading.Lock()       # probes read entries from several threads (--jobs)
 
     def _key(self, kind: str, what: dict) -> dict:
         return {"kind": kind, **self.context, **what}
@@ -69,7 +71,8 @@ class Results:
             os.utime(path)               # recently used: the last to be trimmed
         except OSError:
             pass
-        self.hits[kind] = self.hits.get(kind, 0) + 1
+        with self._counting:
+            self.hits[kind] = self.hits.get(kind, 0) + 1
 
     def get(self, kind: str, what: dict):
         """The stored value, or None (absent, unreadable or foreign: then computed again)."""
