@@ -279,10 +279,12 @@ def misses(verified: Verified, baseline: Baseline, limits: Limits) -> dict[str, 
 def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, itemsize: dict[str, int],
            verify: Callable[[dict[str, Candidate]], Verified],
            max_verifications: int = MAX_VERIFICATIONS, on_step=None, uniform: list[Uniform] = (),
-           memo=None) -> SearchResult:
+           memo=None, measured: list[Step] = ()) -> SearchResult:
     """Search the summed layer-error budget over a range that depends only on the number of
-    layers (relative errors above 1 are useless), each next budget aimed by the last measured
-    drop (_aimed) inside the bracket the measurements leave, so it converges like a bisection.
+    layers (relative errors above 1 are useless), each next budget aimed by the measured drops
+    (_aimed) inside the bracket the measurements leave, so it converges like a bisection.
+    `measured`: plans an earlier search verified in this space's units (the relaxed search's
+    start): they aim its budgets, and one that lost the accuracy caps the bracket.
 
     The `uniform` plans (uniform_plans) are verified first, beyond `max_verifications`: each
     family's measured drop against its estimate corrects how the MILP weighs pruning against
@@ -317,7 +319,9 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
     space = corrected(space, steps, baseline)
     for step in steps:                  # in the corrected units the search goes on in
         step.estimate = estimate(space, {n: _by_flops(space, c) for n, c in step.choices.items()}, baseline, itemsize)
-    aims = [s for s in steps if s.estimate.error > 0]
+    lost = [s.estimate.error for s in measured if "accuracy drop" in s.misses and lo < s.estimate.error < hi]
+    hi = min([hi, *lost])
+    aims = [s for s in [*steps, *measured] if s.estimate.error > 0]
     budget = _aimed(aims, baseline, limits, lo, hi) if aims else _between(lo, hi)
     latency_budget = limits.latency
     searched = attempts = 0
@@ -348,7 +352,7 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
             continue
         else:
             break                          # memory/FLOPs are exact: nothing to tighten
-        budget = _aimed(steps, baseline, limits, lo, hi)
+        budget = _aimed([*steps, *measured], baseline, limits, lo, hi)
     if best is not None:
         return SearchResult(True, best.choices, best.verified, {}, steps, space.method_scale)
     # nothing met every limit: the verified plan that missed least, among those that keep the
@@ -364,7 +368,8 @@ def choose(space: Space, baseline: Baseline, limits: Limits, objective: str, ite
     # with those limits as objective (with half the verifications where some were spent already)
     near = "latency" if limits.latency is not None else "memory" if limits.bytes is not None else "flops"
     relaxed = choose(space, baseline, Limits(None, None, None, limits.accuracy_drop), near, itemsize, verify,
-                     max(1, max_verifications // 2) if steps else max_verifications, on_step, memo=memo)
+                     max(1, max_verifications // 2) if steps else max_verifications, on_step, memo=memo,
+                     measured=[s for s in steps if s.estimate is not None])
     for step in relaxed.steps:          # judged by the real limits, not the relaxed ones
         step.misses = misses(step.verified, baseline, limits)
     if steps:

@@ -470,3 +470,23 @@ def test_the_next_budget_is_read_off_the_measured_plans_in_log_log():
     assert drop(aimed) == pytest.approx(AIM * limits.accuracy_drop, rel=1e-9)
     alone = _aimed([step(1.0)], baseline, limits, 1e-6, 100.0)
     assert alone == pytest.approx(AIM / 40.0) and alone < aimed / 5
+
+
+def test_a_plan_that_lost_the_accuracy_caps_the_relaxed_search():
+    """The relaxed search starts from what the first one measured: a plan estimated at error e
+    that lost the accuracy bounds its budgets below e, so its plans are not worse ones again."""
+    from denseflex_onnx.search import Step
+    space = random_space(np.random.default_rng(11), layers=3, per_layer=5)
+    baseline = Baseline(10.0, 100_000, 200_000, 90.0)
+    itemsize = {n: 4 for n in space.candidates}
+    limits = Limits(None, None, None, accuracy_drop=1.0)
+    worst = {n: max(space.alive(n), key=lambda c: c.error) for n in space.candidates}
+    e = estimate(space, worst, baseline, itemsize)
+    lost = Step(None, None, worst, e, verified=Verified(1.0, 10.0, 80.0, 1, 1), misses={"accuracy drop": (10.0, 1.0)})
+
+    def verify(choices):
+        est = estimate(space, choices, baseline, itemsize)
+        return Verified(est.latency, baseline.latency, baseline.metric - 20.0 * est.error, int(est.bytes), int(est.flops))
+
+    result = choose(space, baseline, limits, "latency", itemsize, verify, 2, measured=[lost])
+    assert result.steps and all(s.error_budget < e.error for s in result.steps)
