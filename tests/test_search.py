@@ -490,3 +490,16 @@ def test_a_plan_that_lost_the_accuracy_caps_the_relaxed_search():
 
     result = choose(space, baseline, limits, "latency", itemsize, verify, 2, measured=[lost])
     assert result.steps and all(s.error_budget < e.error for s in result.steps)
+
+
+def test_plans_measured_within_noise_of_each_other_are_ranked_by_their_estimate():
+    from denseflex_onnx.search import LATENCY_TIE, Estimate, Step, _best
+
+    def step(measured, estimated):
+        return Step(None, None, {}, Estimate(estimated, 1, 1, 0.1), verified=Verified(measured, 1.0, 90.0, 1, 1))
+
+    near = [step(0.500, 0.30), step(0.500 * (1 + LATENCY_TIE / 2), 0.20)]
+    assert _best(near, "latency") is near[1]          # a tie: the estimate decides, whatever the order
+    assert _best(near[::-1], "latency") is near[1]
+    apart = [step(0.500, 0.30), step(0.600, 0.20)]
+    assert _best(apart, "latency") is apart[0]        # measured apart: the measurement decides
