@@ -33,10 +33,11 @@ TIMING = {"min_runs": 5, "max_runs": 100, "max_seconds": 0.2}
 RESERVE_S = 3.0
 MINILM_SHAPES = {name: [1, 64] for name in ("input_ids", "attention_mask", "token_type_ids")}
 
-COLD_TARGET_S = 60.0
-WARM_TARGET_S = 10.0
+# the search-cost issue's targets (issue 14; an earlier one asked 60 s, 10 s and 62%)
+COLD_TARGET_S = 45.0
+WARM_TARGET_S = 5.0
 MEMORY_FACTOR, MEMORY_EXTRA = 3.0, 500e6
-NEVER_TIMED_TARGET = 0.62
+NEVER_TIMED_TARGET = 0.80
 
 MODELS = {
     "mlp": {"label": "MNIST MLP", "path": MODELS_DIR / "mnist_mlp.onnx", "data": MODELS_DIR / "mnist_mlp_val.npz",

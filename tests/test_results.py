@@ -167,3 +167,26 @@ def test_a_bad_cache_size_is_one_clear_line(tmp_path):
     assert r.returncode == 2
     assert "--cache-size 'lots'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.glob("o*"))
+
+
+def test_two_runs_sharing_a_cache_folder_at_once_both_write_the_same_model(twice, tmp_path):
+    """Two processes computing the same results into one folder at the same time (atomic writes,
+    readers that never see half a file): both succeed with the same plan and bytes. The timings
+    are the first run's, so that measurement noise cannot choose between plans."""
+    tmp, options, first, _ = twice
+    cache = tmp_path / "cache"
+    (cache / "results").mkdir(parents=True)
+    for p in options["cache_dir"].glob("*.json"):
+        (cache / p.name).write_bytes(p.read_bytes())
+    for p in (options["cache_dir"] / "results").glob("*.json"):
+        if json.loads(p.read_text())["key"]["kind"] in ("verified", "original timing"):
+            (cache / "results" / p.name).write_bytes(p.read_bytes())
+    code = ("import sys, denseflex_onnx; from denseflex_onnx.profile import Budget; "
+            "denseflex_onnx.optimize(sys.argv[1], sys.argv[2], latency='-30%', max_accuracy_drop=1, data=sys.argv[3], "
+            "cache_dir=sys.argv[4], timing=Budget(min_runs=3, max_runs=15, max_seconds=0.02))")
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(MLP), str(tmp_path / f"{k}.onnx"), str(MLP_DATA),
+                              str(cache)], stderr=subprocess.PIPE, text=True) for k in ("x", "y")]
+    for r in runs:
+        assert r.wait(timeout=600) == 0, r.stderr.read()
+    assert (tmp_path / "x.onnx").read_bytes() == (tmp_path / "y.onnx").read_bytes() == (tmp / "a.onnx").read_bytes()
+    assert not list(cache.rglob("*.tmp"))                  # no write left half done
