@@ -294,10 +294,13 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
         # data-aware plans fit each layer, and a pruned pair's consumer, on its input statistics
         wanted = set() if mode == "plain" else {c.consumer or n for n, c in plan.rewritten().items()}
         if wanted:
+            # collected as optimize collects them (two halves summed, where it scores on one): the
+            # float64 sums then round the same way, and a plan re-applied gives optimize's bytes
+            apart = calibrate.scoring_parts(calib) is not None
             layers, representations = _statistics_plan(prep, {n: DENSE for n in prep.layers if n not in wanted},
-                                                       None, budget_bytes)
+                                                       None, budget_bytes, score_apart=apart)
             stats, *_ = _statistics(prep, calib, layers, representations, budget_bytes, 1, Progress(),
-                                    results_mod.Results(None, {}))
+                                    results_mod.Results(None, {}), score_apart=apart)
     new = verify.rewrite(prep, space_mod.Factors(prep.layers, stats, mode), plan, calib)
     files = model_mod.write_model(new, out, external=prep.loaded.external_data)
     summary = _summary(prep, plan, new)
