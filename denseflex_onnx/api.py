@@ -296,7 +296,7 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
         if wanted:
             # collected as optimize collects them (two halves summed, where it scores on one): the
             # float64 sums then round the same way, and a plan re-applied gives optimize's bytes
-            apart = calibrate.scoring_parts(calib) is not None
+            apart = calib.samples >= calibrate.SCORING_MIN_SAMPLES
             layers, representations = _statistics_plan(prep, {n: DENSE for n in prep.layers if n not in wanted},
                                                        None, budget_bytes, score_apart=apart)
             stats, *_ = _statistics(prep, calib, layers, representations, budget_bytes, 1, Progress(),
@@ -426,7 +426,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     kept_dense = {} if exhaustive else _cannot_pay_off(prep, forced, methods)
     layers = list(prep.layers.values())
     pairs = _pairs(prep, methods, forced, exhaustive)
-    score_apart = mode != "plain" and calibrate.scoring_parts(calib) is not None
+    score_apart = mode != "plain" and calib.samples >= calibrate.SCORING_MIN_SAMPLES
     wanted, representations = _statistics_plan(prep, {**forced, **{n: DENSE for n in kept_dense}}, methods,
                                                budget_bytes, pairs, score_apart)
     results = results_mod.Results(_results_folder(cache_dir, no_cache), {
