@@ -144,8 +144,9 @@ def test_missing_provider_lists_installed_ones(small_mlp, tmp_path, provider, ex
 
 
 def test_sensitivity_probes_each_layer_on_calibration_samples_only(tmp_path):
-    """On by default with --data."""
-    result = denseflex_onnx.optimize(MLP, latency="-30%", data=MLP_DATA, calib_samples=100,
+    """On by default with --data. A FLOPs target: the MLP runs in 0.3 ms, where a latency target
+    of -30% is met by a few plans only, and timing noise on a busy machine can miss them all."""
+    result = denseflex_onnx.optimize(MLP, flops="-30%", data=MLP_DATA, calib_samples=100,
                                      cache_dir=tmp_path / "c", timing=FAST)
     report = result.report
     assert report["samples"] == {"calibration": 100, "evaluation": 900, "synthetic": False}
