@@ -362,6 +362,10 @@ class Anchored:
     total: np.ndarray
     total_abs_tilde: np.ndarray
     count: int
+    # where a residual Add sums the layer's output with R: X~^T (R - R~) and the sum of R - R~,
+    # what the original's residual stream has that the rewritten one lost (sequential.py)
+    gap_cross: np.ndarray | None = None
+    gap_total: np.ndarray | None = None
 
     def stats(self) -> LayerStats:
         """X~'s statistics, what the anchored layer is fitted on."""
@@ -369,13 +373,16 @@ class Anchored:
 
 
 def collect_anchored(model: LoadedModel, rewritten: onnx.ModelProto, layers: list[Layer], data: Dataset,
-                     provider: str = "CPUExecutionProvider", threads: int = 1) -> dict[str, Anchored]:
+                     provider: str = "CPUExecutionProvider", threads: int = 1,
+                     residuals: Mapping[str, str] | None = None) -> dict[str, Anchored]:
     """Runs the original model and `rewritten` (the same interface, these layers' input tensors
-    kept) over `data` chunk by chunk, accumulating each layer's Anchored sums."""
+    kept) over `data` chunk by chunk, accumulating each layer's Anchored sums. `residuals`
+    (layer name -> the tensor a residual Add sums with its output) adds the residual gap."""
     layers = [layer for layer in layers if not layer.scope]
     if not layers or data.samples == 0:
         return {}
-    wanted = sorted({layer.input for layer in layers})
+    residuals = {n: r for n, r in (residuals or {}).items() if n in {layer.name for layer in layers}}
+    wanted = sorted({layer.input for layer in layers} | set(residuals.values()))
     sessions = []
     for proto in (model.proto, rewritten):
         tapped = onnx.ModelProto()
@@ -384,11 +391,17 @@ def collect_anchored(model: LoadedModel, rewritten: onnx.ModelProto, layers: lis
         tapped.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in present)
         sessions.append(create_session(tapped, provider, threads))
     sums: dict[str, Anchored] = {}
+    unaligned: set[str] = set()
     for chunk in feeds(data, model):
         original = dict(zip(wanted, sessions[0].run(wanted, chunk)))
         tilde = dict(zip(wanted, sessions[1].run(wanted, chunk)))
         mask = chunk.get(TOKEN_MASK)
         for layer in layers:
+            gap = None
+            if layer.name in residuals and layer.name not in unaligned:
+                r = residuals[layer.name]
+                gap = output_rows(layer, original[r] - tilde[r], mask)
+            start = 0
             for x, xt in zip(input_blocks(layer, original[layer.input], mask=mask),
                              input_blocks(layer, tilde[layer.input], mask=mask)):
                 k = x.shape[1]
@@ -400,4 +413,28 @@ def collect_anchored(model: LoadedModel, rewritten: onnx.ModelProto, layers: lis
                 s.total += x.sum(axis=0)
                 s.total_abs_tilde += np.abs(xt).sum(axis=0)
                 s.count += x.shape[0]
+                if gap is not None and gap.shape[0] >= start + len(x):
+                    g = gap[start:start + len(x)]
+                    if s.gap_cross is None:
+                        s.gap_cross, s.gap_total = np.zeros((k, g.shape[1])), np.zeros(g.shape[1])
+                    s.gap_cross += xt.T @ g
+                    s.gap_total += g.sum(axis=0)
+                start += len(x)
+            if gap is not None and gap.shape[0] != start:
+                # a broadcasting Add: its rows are not the layer's output rows
+                unaligned.add(layer.name)
+    for name in unaligned & set(sums):
+        sums[name].gap_cross = sums[name].gap_total = None
     return sums
+
+
+def output_rows(layer: Layer, y: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """A tensor shaped like the layer's output as rows [rows, N], in input_blocks' row order
+    (a Conv's: one per output pixel, sample by sample)."""
+    y = y.astype(np.float64, copy=False)
+    if layer.op == "Conv":
+        return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]) if y.ndim >= 2 else y.reshape(0, 1)
+    rows = y.reshape(-1, y.shape[-1]) if y.ndim else y.reshape(1, 1)
+    if mask is not None and mask.shape == y.shape[:-1]:
+        rows = rows[mask.reshape(-1) != 0]
+    return rows

@@ -10,7 +10,10 @@ stages are already rewritten, and is fitted against the original output X W:
 Since X~ W* with W* = (X~c^T X~c)^-1 X~c^T Xc W is the projection of X W onto X~'s columns,
 that is the pass's usual fit of W* on X~'s statistics (Pythagoras), with b* = b + mu W - mu~ W*.
 So every pass fits sequentially unchanged: given the anchored layer (W*, b*) and X~'s
-statistics. Only X~^T X~ and X~^T X are accumulated (calibrate.collect_anchored), never the
+statistics. Where a residual Add follows the layer (y + R: a transformer's attention output and
+FFN output), the target is X W + b + (R - R~), so the layer also makes up what the residual
+stream lost upstream, its part that X~ predicts; X~^T (R - R~) is accumulated beside the rest.
+Only X~^T X~ and X~^T X are accumulated (calibrate.collect_anchored), never the
 activations. At X~ = X, W* = W: the first stage is the independent fit.
 
 Stages: a layer's depth is one more than the deepest rewritten layer upstream of its input (a
@@ -34,6 +37,10 @@ MAX_STAGES = 8
 # svd:192 in every layer, 128 calibration sentences, held-out cosine: 90.04 at 1e-3, 90.61 at 1,
 # 90.46 at 10, 89.19 at 1000 (independent calibration: 90.96)
 RIDGE = 1.0
+# where a residual Add follows the layer, fit X~ W' + R~ to the original's X W + R: the layer
+# also takes back what the residual stream lost upstream (Kwon et al. 2022 tune their masks
+# against the residual block's output the same way)
+RESIDUAL_GAP = True
 
 
 def depths(graph: onnx.GraphProto, units: dict[str, tuple[str, str]]) -> dict[str, int]:
@@ -80,6 +87,11 @@ def anchored(layer: Layer, matrix_of, anchored_stats, ridge: float | None = None
     cov = a.gram_tilde / n - np.outer(mu_t, mu_t)
     cross = a.cross / n - np.outer(mu_t, mu)
     m = matrix_of(layer, layer.weight.astype(np.float64))
+    target = cross @ m
+    gap_mean = np.zeros(m.shape[1])
+    if RESIDUAL_GAP and a.gap_cross is not None and a.gap_cross.shape == (len(cov), m.shape[1]):
+        gap_mean = a.gap_total / n
+        target = target + a.gap_cross / n - np.outer(mu_t, gap_mean)
     # as if d rows where X~ = X were added (the shrinkage of calibrate.LayerStats.expected): with
     # few rows per input dimension the regression onto X~ would fit the calibration rows' noise
     d = len(cov)
@@ -87,17 +99,32 @@ def anchored(layer: Layer, matrix_of, anchored_stats, ridge: float | None = None
     lam = max(RIDGE if ridge is None else ridge, weight / (1 - weight)) * max(float(np.mean(np.diag(cov))), 1e-12)
     import scipy.linalg
     try:
-        m_star = scipy.linalg.solve(cov + lam * np.eye(len(cov)), cross @ m + lam * m, assume_a="pos")
+        m_star = scipy.linalg.solve(cov + lam * np.eye(len(cov)), target + lam * m, assume_a="pos")
     except (np.linalg.LinAlgError, ValueError):
-        m_star = np.linalg.lstsq(cov + lam * np.eye(len(cov)), cross @ m + lam * m, rcond=None)[0]
+        m_star = np.linalg.lstsq(cov + lam * np.eye(len(cov)), target + lam * m, rcond=None)[0]
     n_out = m.shape[1]
     bias = np.zeros(n_out) if layer.bias is None else np.broadcast_to(layer.bias.astype(np.float64), (n_out,))
-    b_star = bias + mu @ m - mu_t @ m_star
+    b_star = bias + mu @ m + gap_mean - mu_t @ m_star
     if layer.op == "Conv":
         weight = m_star.T.reshape(layer.weight.shape)
     else:
         weight = m_star
     return dataclasses.replace(layer, weight=weight.astype(layer.dtype), bias=b_star.astype(layer.dtype))
+
+
+def residual(graph: onnx.GraphProto, layer: Layer) -> str | None:
+    """The tensor a residual Add sums with the layer's output, where that Add is its only
+    reader and the other term is computed (not a constant): a transformer's attention output
+    projection and FFN output, a ResNet's last Conv of a block."""
+    readers = [node for node in graph.node if layer.output in node.input]
+    if len(readers) != 1 or readers[0].op_type != "Add" or len(readers[0].input) != 2:
+        return None
+    if any(o.name == layer.output for o in graph.output):
+        return None
+    other = next((i for i in readers[0].input if i != layer.output), None)
+    constants = {t.name for t in graph.initializer} | {o for node in graph.node if node.op_type == "Constant"
+                                                       for o in node.output}
+    return other if other and other not in constants else None
 
 
 def can_anchor(layer: Layer) -> bool:

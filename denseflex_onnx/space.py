@@ -182,6 +182,7 @@ class Factors:
         self._score_stats: dict[str, object] = {}
         self._held_energies: dict[tuple[str, str], tuple[np.ndarray, float]] = {}
         self._pairs: dict[tuple[str, str], list] = {}       # (producer, spec) -> prune factors
+        self._orders: dict[str, object] = {}                # producer -> prune.removal_order
 
     def fit_stats(self, layer: Layer):
         """The statistics the passes fit to: centered where the bias is corrected, and shrunk
@@ -238,6 +239,7 @@ class Factors:
         self._references.pop(layer.name, None)
         self._fit_stats.pop(layer.name, None)
         self._score_stats.pop(layer.name, None)
+        self._orders.pop(layer.name, None)
         for key in [k for k in self._pairs if k[0] == layer.name]:
             del self._pairs[key]
 
@@ -265,7 +267,10 @@ class Factors:
     def pair_factors(self, pair, choice: Choice) -> list:
         key = (pair.name, choice.spec)
         if key not in self._pairs:
-            self._pairs[key] = PASSES[choice.method].factorize(pair, choice.config, self.pair_stats(pair))
+            module, stats = PASSES[choice.method], self.pair_stats(pair)
+            if pair.name not in self._orders:       # one greedy order serves every keep
+                self._orders[pair.name] = module.removal_order(pair, stats) if module.GREEDY else None
+            self._pairs[key] = module.factorize(pair, choice.config, stats, order=self._orders[pair.name])
         return self._pairs[key]
 
     def pair_error(self, pair, choice: Choice) -> float:

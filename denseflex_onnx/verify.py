@@ -122,7 +122,9 @@ def rewrite_sequential(prep: _Prepared, factors: space_mod.Factors, plan: Plan, 
         fitted = [l for l in fitted if sequential.can_anchor(l) and getattr(factors.stats.get(l.name), "kind", "") == "full"]
         if i > 0 and fitted:
             partial = rewrite_model(prep.loaded.proto, layers, Plan(dict(done), plan.factorization), factor_map)
-            anchors = calibrate.collect_anchored(prep.loaded, partial, fitted, calib, threads=threads)
+            residuals = {l.name: r for l in fitted if (r := sequential.residual(prep.loaded.proto.graph, l))}
+            anchors = calibrate.collect_anchored(prep.loaded, partial, fitted, calib, threads=threads,
+                                                 residuals=residuals)
         for name in stage:
             choice = rewritten[name]
             target = choice.consumer or name

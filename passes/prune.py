@@ -29,6 +29,14 @@ TARGET = "pair"             # what `applies` and the others take: a pairs.Pair, 
 RIDGE = 1e-3
 # sixteenths above a half: a transformer's FFN loses little there, and a budget often falls
 # between two eighths (MiniLM at -25% FLOPs: keep 0.625 everywhere misses by 1%)
+# removal_order: batches of channels dropped, and the widest consumer input it inverts
+ORDER_STEPS = 128
+GREEDY = True
+# of the mean diagonal: far below the refit's (d / n), or H is nearly lam I and the order is the
+# weights' magnitude alone. MiniLM-L6, keep 864 of 1536 in every FFN, sequential, held-out
+# cosine: 95.81 by scores, 96.25 at 0.01, 96.09 at 0.1, 94.67 at 2, 96.20 at 0.001
+ORDER_RIDGE = 0.01
+MAX_ORDER_INPUTS = 8192
 FRACTIONS = (0.25, 0.375, 0.5, 0.5625, 0.625, 0.6875, 0.75, 0.8125, 0.875, 0.9375)
 
 
@@ -127,11 +135,60 @@ def _diagonal(gram) -> np.ndarray:
     return np.sum(root * root, axis=0)
 
 
-def select(pair, keep: int, stats=None) -> np.ndarray:
-    """The channels kept, ascending: the `keep` highest scores (ties to the lower index)."""
+def select(pair, keep: int, stats=None, order: np.ndarray | None = None) -> np.ndarray:
+    """The channels kept, ascending: the last `keep` of `order` (removal_order), or without it
+    the `keep` highest scores (ties to the lower index)."""
+    if order is not None:
+        return np.sort(order[len(order) - keep:])
     s = scores(pair, stats)
-    order = np.lexsort((np.arange(len(s)), -s))
-    return np.sort(order[:keep])
+    ranked = np.lexsort((np.arange(len(s)), -s))
+    return np.sort(ranked[:keep])
+
+
+def removal_order(pair, stats, ridge: float | None = None) -> np.ndarray | None:
+    """The inner channels in the order greedy least-squares removal drops them (first: the one
+    whose loss the refit of the others makes up best), or None without a full X^T X.
+
+    Optimal Brain Surgeon on the consumer (Hassibi & Stork 1993; for structured rows,
+    Kurtic et al., ZipLM 2023): with H = cov + lam I (refit's objective), dropping the rows G of
+    the current M costs tr(M_G^T [H^-1]_GG^-1 M_G) once the kept rows are refitted, and the refit
+    is M -= [H^-1]_:G [H^-1]_GG^-1 M_G. Magnitude (scores) ignores that correlated channels stand
+    in for each other. Removed ORDER_STEPS times in even batches, a batch the channels cheapest
+    to drop alone, so a 1536-channel FFN costs about 130 small updates."""
+    cov = covariance(stats)
+    n, g = pair.channels, block(pair)
+    if cov is None or len(cov) > MAX_ORDER_INPUTS:
+        return None
+    lam = (ORDER_RIDGE if ridge is None else ridge) * max(float(np.mean(np.diag(cov))), 1e-12)
+    h_inv = np.linalg.inv(cov + lam * np.eye(len(cov)))
+    m = consumer_matrix(pair).copy()
+    alive = np.ones(n, dtype=bool)
+    removed: list[int] = []
+    per_step = max(1, -(-n // ORDER_STEPS))
+    while alive.sum() > 1:
+        live = np.flatnonzero(alive)
+        rows = rows_of(live, g)
+        if g == 1:
+            cost = np.sum(m[rows] ** 2, axis=1) / np.maximum(np.diag(h_inv)[rows], 1e-300)
+        else:
+            cost = np.array([_group_cost(m, h_inv, rows_of([c], g)) for c in live])
+        take = live[np.lexsort((live, cost))[:min(per_step, len(live) - 1)]]
+        drop = rows_of(take, g)
+        block_inv = np.linalg.inv(h_inv[np.ix_(drop, drop)])
+        m -= h_inv[:, drop] @ (block_inv @ m[drop])
+        h_inv -= h_inv[:, drop] @ block_inv @ h_inv[drop]
+        h_inv[drop] = 0.0
+        h_inv[:, drop] = 0.0
+        m[drop] = 0.0
+        alive[take] = False
+        removed.extend(int(c) for c in take)
+    removed.extend(int(c) for c in np.flatnonzero(alive))
+    return np.array(removed, dtype=np.int64)
+
+
+def _group_cost(m, h_inv, rows) -> float:
+    sub = h_inv[np.ix_(rows, rows)]
+    return float(np.trace(m[rows].T @ np.linalg.solve(sub, m[rows])))
 
 
 def refit(m: np.ndarray, bias: np.ndarray, cov: np.ndarray, mean: np.ndarray, rows: np.ndarray,
@@ -158,7 +215,7 @@ def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
-def factorize(pair, config, stats=None, decomposition=None, mode: str = "plain") -> list:
+def factorize(pair, config, stats=None, decomposition=None, mode: str = "plain", order=None) -> list:
     """[kept channels (int64), producer weight, producer bias or None, consumer weight, consumer bias],
     the weights in the layout of layer.weight (Gemm/MatMul [K, N], Conv [Cout, Cin, kh, kw]).
 
@@ -167,7 +224,9 @@ def factorize(pair, config, stats=None, decomposition=None, mode: str = "plain")
     if not 1 <= keep <= n:
         raise ValueError(f"keep {keep} outside 1..{n}")
     p, c = pair.producer, pair.consumer
-    kept = select(pair, keep, stats) if keep < n else np.arange(n)
+    if keep < n and order is None and GREEDY:
+        order = removal_order(pair, stats)
+    kept = select(pair, keep, stats, order) if keep < n else np.arange(n)
     g = block(pair)
     rows = rows_of(kept, g)
     m = consumer_matrix(pair)

@@ -281,7 +281,7 @@ def test_refit_is_least_squares_on_the_activations(tmp_path, case):
     m2 = prune.consumer_matrix(pair)
     b2 = np.broadcast_to(pair.consumer.bias.astype(np.float64), (m2.shape[1],))
     keep = pair.channels // 2
-    kept = prune.select(pair, keep, stats)
+    kept = prune.factorize(pair, {"keep": keep}, stats)[0]      # the channels the pass keeps
     r = prune.rows_of(kept, prune.block(pair))
     design = np.hstack([rows[:, r], np.ones((len(rows), 1))])
     solution = np.linalg.lstsq(design, rows @ m2 + b2, rcond=None)[0]
@@ -509,3 +509,27 @@ def test_optimize_searches_pairs_with_the_consumers_output_error(ffn_files, tmp_
               input_shapes={"X": (1, 6, 16)})
     feed = {"X": inputs(m, 4)}
     np.testing.assert_array_equal(run(onnx.load(str(out)), feed)[0], run(onnx.load(str(again)), feed)[0])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_removal_drops_first_the_channel_whose_refit_loses_least(tmp_path, case):
+    """Brute force: refit without each channel in turn (numpy lstsq with an intercept on the
+    activations from onnxruntime); removal_order's first channel is the one that loses least."""
+    build, shapes, producer = CASES[case]
+    m = build()
+    loaded, _, found = discover(m, tmp_path, shapes)
+    pair = found.pair(producer)
+    x = inputs(m, 400, seed=5)
+    stats = statistics(loaded, pair.consumer, x)
+    rows = input_rows(pair, tapped(m, x, pair.consumer.input))
+    target = rows @ prune.consumer_matrix(pair)
+    g = prune.block(pair)
+    lost = []
+    for j in range(pair.channels):
+        r = prune.rows_of(np.setdiff1d(np.arange(pair.channels), [j]), g)
+        design = np.hstack([rows[:, r], np.ones((len(rows), 1))])
+        fit = np.linalg.lstsq(design, target, rcond=None)[0]
+        lost.append(np.sum((design @ fit - target) ** 2))
+    order = prune.removal_order(pair, stats, ridge=1e-9)
+    assert sorted(order) == list(range(pair.channels))
+    assert order[0] == int(np.argmin(lost))

@@ -127,3 +127,23 @@ def test_bad_calibration_requests_are_one_line_errors(mlp_files, tmp_path):
     with pytest.raises(UserError, match="fits layers on data: give --data"):
         api.apply(path, tmp_path / "o.onnx", all_spec="svd:4", calibration="sequential")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_the_residual_gap_is_fitted_with_the_layer():
+    """With a residual Add after the layer, W* and b* are lstsq of [X~, 1] against
+    X W + b + (R - R~): the layer takes back what the residual stream lost upstream."""
+    r = rng(3)
+    x = r.standard_normal((4000, 6)) + 0.5
+    xt = x + 0.2 * r.standard_normal(x.shape)
+    gap = 0.3 * xt @ r.standard_normal((6, 3)) + 0.1 * r.standard_normal((4000, 3)) + 0.5
+    w, b = r.standard_normal((6, 3)).astype(np.float32), r.standard_normal(3).astype(np.float32)
+    layer = Layer("fc", "MatMul", "x", "y", ("y",), w, b, (1, 6), (1, 3))
+    a = calibrate.Anchored(xt.T @ xt, xt.T @ x, xt.sum(0), x.sum(0), np.abs(xt).sum(0), len(x),
+                           gap_cross=xt.T @ gap, gap_total=gap.sum(0))
+    got = sequential.anchored(layer, as_matrix, a, ridge=0.0)
+    design = np.hstack([xt, np.ones((len(x), 1))])
+    want = np.linalg.lstsq(design, x @ w.astype(np.float64) + b + gap, rcond=None)[0]
+    without = np.linalg.lstsq(design, x @ w.astype(np.float64) + b, rcond=None)[0]
+    assert np.abs(want - without).max() > 0.2          # the gap moves the fit
+    np.testing.assert_allclose(got.weight, want[:-1], rtol=0.02, atol=0.02)
+    np.testing.assert_allclose(got.bias, want[-1], rtol=0.02, atol=0.02)
