@@ -268,16 +268,21 @@ def test_refit_never_raises_the_calibration_error(tmp_path, case):
         assert np.linalg.norm(refit - target) <= np.linalg.norm(sliced - target) * (1 + 1e-6), keep
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_refit_is_least_squares_on_the_activations(tmp_path, case):
-    """The refit equals numpy's lstsq of [H_S, 1] against H W2 + b, H from onnxruntime."""
+def calibrated_pair(tmp_path, case):
+    """A CASES pair, its consumer's statistics on 400 inputs, and those inputs' rows as the
+    consumer multiplies them (from onnxruntime)."""
     build, shapes, producer = CASES[case]
     m = build()
     loaded, _, found = discover(m, tmp_path, shapes)
     pair = found.pair(producer)
     x = inputs(m, 400, seed=5)
-    stats = statistics(loaded, pair.consumer, x)
-    rows = input_rows(pair, tapped(m, x, pair.consumer.input))
+    return pair, statistics(loaded, pair.consumer, x), input_rows(pair, tapped(m, x, pair.consumer.input))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_refit_is_least_squares_on_the_activations(tmp_path, case):
+    """The refit equals numpy's lstsq of [H_S, 1] against H W2 + b, H from onnxruntime."""
+    pair, stats, rows = calibrated_pair(tmp_path, case)
     m2 = prune.consumer_matrix(pair)
     b2 = np.broadcast_to(pair.consumer.bias.astype(np.float64), (m2.shape[1],))
     keep = pair.channels // 2
@@ -515,13 +520,7 @@ def test_optimize_searches_pairs_with_the_consumers_output_error(ffn_files, tmp_
 def test_greedy_removal_drops_first_the_channel_whose_refit_loses_least(tmp_path, case):
     """Brute force: refit without each channel in turn (numpy lstsq with an intercept on the
     activations from onnxruntime); removal_order's first channel is the one that loses least."""
-    build, shapes, producer = CASES[case]
-    m = build()
-    loaded, _, found = discover(m, tmp_path, shapes)
-    pair = found.pair(producer)
-    x = inputs(m, 400, seed=5)
-    stats = statistics(loaded, pair.consumer, x)
-    rows = input_rows(pair, tapped(m, x, pair.consumer.input))
+    pair, stats, rows = calibrated_pair(tmp_path, case)
     target = rows @ prune.consumer_matrix(pair)
     g = prune.block(pair)
     lost = []
