@@ -152,7 +152,8 @@ def verify_cached(ex: _Explored, choices: dict) -> search.Verified:
     provider and timing budget (so a second run reaches the same plan)."""
     what = {"plan": sorted((n, c.spec) for n, c in choices.items() if not c.is_dense), "calibration": ex.calibration,
             **measured_on(ex.provider, ex.threads, ex.timing), "metric": ex.metric, "output": ex.output,
-            "evaluation": ex.evaluation.samples}
+            "evaluation": ex.evaluation.samples,
+            "statistics": fitted_from(ex, choices)}      # in place of the run's, which names every layer
     stored = ex.results.get("verified", what) if ex.results else None
     if stored is not None:
         with contextlib.suppress(TypeError):
@@ -161,6 +162,17 @@ def verify_cached(ex: _Explored, choices: dict) -> search.Verified:
     if ex.results:
         ex.results.put("verified", what, dataclasses.asdict(verified))
     return verified
+
+
+def fitted_from(ex: _Explored, choices: dict) -> dict:
+    """How the statistics the plan's layers (a pair: its consumer too) are fitted on were kept: all
+    a built plan depends on, so a search over another space (exhaustive, other kept-dense layers)
+    that verifies the same plan reads the same measurement instead of timing it again."""
+    used = set()
+    for name, cand in choices.items():
+        if not cand.is_dense:
+            used |= {name, cand.choice.consumer} - {None}
+    return {n: {k: ex.statistics[n][k] for k in ("kind", "rank")} for n in sorted(used) if n in ex.statistics}
 
 
 def verify(ex: _Explored, choices: dict) -> search.Verified:

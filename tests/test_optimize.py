@@ -81,10 +81,14 @@ def test_api_and_cli_give_the_same_plan(small_mlp, tmp_path):
 def test_exhaustive_timing_and_pruned_search_choose_the_same_plan(tmp_path):
     """On the bundled MLP, timings fixed by a cache filled by timing the whole grid. A FLOPs limit,
     with latency the objective: the timings still decide what is pruned and what is chosen, but no
-    verdict hangs on a whole-model A/B that load can tip either way (a latency limit would)."""
+    verdict hangs on a whole-model A/B that load can tip either way (a latency limit would).
+    The 512x10 head (0.2% of the FLOPs) is excluded from both: the pruned search keeps a
+    negligible layer dense by its costs alone, a policy, not a timing verdict, and under a tight
+    FLOPs limit its few saved FLOPs let the exhaustive MILP raise a rank elsewhere."""
     cache = tmp_path / "cache"
     # without the sensitivity probes, which probe what each space keeps alive
-    options = dict(flops="-30%", objective="latency", data=MLP_DATA, cache_dir=cache, timing=FAST, sensitivity=False)
+    options = dict(flops="-30%", objective="latency", data=MLP_DATA, cache_dir=cache, timing=FAST, sensitivity=False,
+                   exclude=["/6/Gemm"])
     full = denseflex_onnx.optimize(MLP, exhaustive=True, **options)
     pruned = denseflex_onnx.optimize(MLP, **options)
     assert pruned.report["stages"]["timed"] == 0            # everything came from the cache
