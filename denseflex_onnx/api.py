@@ -132,8 +132,9 @@ def _factorization(requested: str | None, data_path) -> str:
 
 
 def _calibration(requested: str | None, factorization: str) -> str:
-    """Independent unless sequential is asked for (on MiniLM it measured worse on held-out
-    sentences, sequential.py); a plain plan has no data to fit on."""
+    """Sequential where layers are fitted to data (MiniLM-L6, held-out cosine: svd:192 in every
+    layer 91.67 against 90.96 independent, prune:864 in every FFN 96.25 against 95.81); a plain
+    plan has no data to fit on."""
     if requested is not None and requested not in CALIBRATIONS:
         raise UserError(f"--calibration {requested!r}: use one of {', '.join(CALIBRATIONS)}")
     if factorization == "plain":
@@ -141,7 +142,7 @@ def _calibration(requested: str | None, factorization: str) -> str:
             raise UserError("--calibration sequential fits layers on data: give --data (or --factorization "
                             "whitened/scaled)")
         return "independent"
-    return requested or "independent"
+    return requested or "sequential"
 
 
 def _memory_budget(text) -> int:
