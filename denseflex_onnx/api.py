@@ -483,7 +483,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
                                          opset=max(prep.loaded.opset, 13), engine_cache=engine_cache,
                                          on_candidate=lambda _: advance(), warn=log.warning,
                                          keys=search.pareto_keys(constraints), prune=not exhaustive,
-                                         pairs={p.name: p for p in prep.pairs.pairs})
+                                         pairs={p.name: p for p in prep.pairs.pairs}, lazy=not exhaustive)
     itemsize = {n: l.dtype.itemsize for n, l in prep.layers.items()}
     ex = _Explored(prep, constraints, provider, threads, mode, metric, output, calib, evaluation, factors,
                    space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget(),

@@ -180,19 +180,33 @@ class MeasureStats:
     skipped_budget: int = 0
 
 
+# model-guided timing: per layer and method, these candidates are timed up front (fewest and most
+# FLOPs, and the middle one); the others get a lower bound from a line through them, and are
+# timed only when the solver picks one (search.solve), so it never trusts a guess
+ANCHORS = 3
+# the bound is the line's prediction less this share, or less twice the line's worst miss on
+# the anchors where that is more (MiniLM-L6, 1 x 64 tokens: svd latency is within a few % of
+# linear in FLOPs; per-call overheads make small layers less so)
+BOUND_MARGIN = 0.25
+
+
 def measure_space(space, layers: dict, factors, cache: Cache, provider: str, threads: int,
                   budget: Budget = Budget(), deadline: float | None = None, opset: int = 17,
                   engine_cache: Path | None = None, on_candidate=None, warn=None,
                   keys: tuple[str, ...] = ("latency", "params", "flops", "error"), prune: bool = True,
-                  pairs: dict | None = None) -> MeasureStats:
-    """Times every surviving candidate; layers alike (same signature) are timed once.
+                  pairs: dict | None = None, lazy: bool = False) -> MeasureStats:
+    """Times every surviving candidate (`lazy`: only the anchors, see ANCHORS); layers alike
+    (same signature) are timed once, and a timing in the cache is always used.
 
     A pair candidate (prune, `pairs` by producer) is timed as its two layers at the channels
     kept, each alone like a dense layer: its latency is their sum, against the sum of the two
     dense layers (the elementwise ops between, which pruning also shrinks, are not counted).
 
+    `lazy`: a candidate neither timed nor cached gets `latency` = a lower bound of it and
+    `latency_bound` = True; `space.timer` times such candidates when the solver needs them.
+
     Stage 3 then drops candidates dominated on `keys`: the figures the constraints and
-    the objective use (latency and error always).
+    the objective use (latency and error always); a bound never dominates.
     After `deadline` (time.monotonic()) nothing new is timed: those candidates are dropped
     as not timed, cached ones still count. A candidate whose timing fails is reported
     through `warn` and dropped; the search goes on without it.
@@ -202,11 +216,9 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
 
     stats = MeasureStats()
     measured: dict[tuple, Timing | None] = {}
-    # dense first: every layer needs its baseline even when time runs out
-    order = sorted(space.all(), key=lambda c: (not c.is_dense,))
-    for cand in order:
-        if cand.dropped is not None and not cand.is_dense:    # dense is the reference: always timed
-            continue
+
+    def take(cand, cached_only: bool = False, counted: bool = True) -> bool:
+        """Time `cand` (or read it); False if it is left without a latency."""
         if cand.covers:
             units = [(part, DENSE) for part in pairs[cand.layer].layers_at(cand.choice.config["keep"])]
         else:
@@ -214,15 +226,46 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
         total = []
         for layer, choice in units:
             total.append(_measure(layer, choice, cand, factors, measured, cache, stats, provider, threads,
-                                  budget, deadline, opset, engine_cache, warn))
+                                  budget, deadline, opset, engine_cache, warn, cached_only))
             if total[-1] is None:
                 break
         if total[-1] is None:
-            cand.dropped = NOT_TIMED if deadline is not None and time.monotonic() > deadline else TIMING_FAILED
-            continue
-        cand.latency, cand.p90 = sum(t.median for t in total), sum(t.p90 for t in total)
-        if on_candidate:
+            if not cached_only:
+                cand.dropped = NOT_TIMED if deadline is not None and time.monotonic() > deadline else TIMING_FAILED
+            return False
+        cand.latency, cand.p90, cand.latency_bound = sum(t.median for t in total), sum(t.p90 for t in total), False
+        if on_candidate and counted:
             on_candidate(cand)
+        return True
+
+    # dense first: every layer needs its baseline even when time runs out
+    for cand in [c for c in space.all() if c.is_dense]:
+        take(cand)
+    alive = [c for c in space.all() if c.dropped is None and not c.is_dense]
+    if not lazy:
+        for cand in alive:
+            take(cand)
+    else:
+        groups: dict[tuple, list] = {}
+        for cand in alive:
+            groups.setdefault((cand.layer, cand.choice.method), []).append(cand)
+        for group in groups.values():
+            group.sort(key=lambda c: (c.flops, c.params))
+            for i in sorted({0, len(group) // 2, len(group) - 1}):
+                take(group[i])
+            rest = [c for c in group if c.dropped is None and c.latency is None and not take(c, cached_only=True)]
+            if deadline is not None and time.monotonic() > deadline:
+                for cand in rest:       # a bound no timing can replace is of no use to the solver
+                    cand.dropped = NOT_TIMED
+                    stats.skipped_budget += 1
+            else:
+                _bound(rest, [c for c in group if c.latency is not None and not c.latency_bound])
+
+        def timer(cands) -> None:
+            for cand in cands:
+                if cand.latency_bound and cand.dropped is None and not take(cand, counted=False):
+                    cand.latency_bound = False       # dropped: the solver goes on without it
+        space.timer = timer
     for name in space.candidates:
         for cand in dominated_by_group(space.alive(name), keys) if prune else []:
             cand.dropped = DOMINATED_TIMED
@@ -230,10 +273,31 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
     return stats
 
 
+def _bound(cands: list, anchors: list) -> None:
+    """Lower bounds of `cands`' latencies (space.Candidate) from a line in FLOPs through the
+    `anchors`' measured ones, and from the fewest-FLOPs anchor below each (latency grows with
+    FLOPs within a layer's method)."""
+    x = np.array([a.flops for a in anchors], dtype=float)
+    y = np.array([a.latency for a in anchors], dtype=float)
+    line = len(set(x.tolist())) >= 2
+    if line:
+        slope, offset = np.polyfit(x, y, 1)
+        fit = offset + slope * x
+        margin = min(max(BOUND_MARGIN, 2 * float(np.max(np.abs(y - fit) / np.maximum(fit, 1e-12)))), 1.0)
+    for cand in cands:
+        bound = max((offset + slope * cand.flops) * (1 - margin), 0.0) if line else 0.0
+        below = [a.latency for a in anchors if a.flops <= cand.flops]
+        if below:
+            bound = max(bound, min(below) * (1 - BOUND_MARGIN))
+        cand.latency, cand.p90, cand.latency_bound = bound, None, True
+
+
 def _measure(layer, choice, cand, factors, measured: dict, cache: Cache, stats: MeasureStats, provider: str,
-             threads: int, budget: Budget, deadline, opset: int, engine_cache, warn) -> Timing | None:
+             threads: int, budget: Budget, deadline, opset: int, engine_cache, warn,
+             cached_only: bool = False) -> Timing | None:
     """One one-layer model's timing, from this run's memo, the cache, or measured now; None when
-    it failed or time ran out (counted in `stats`, reported through `warn`)."""
+    it failed or time ran out (counted in `stats`, reported through `warn`), or (`cached_only`)
+    when it is neither in the memo nor in the cache."""
     from .rewrite import one_layer_model
     dense = choice.method == "dense"
     spec = "dense" if dense else choice.spec
@@ -244,6 +308,8 @@ def _measure(layer, choice, cand, factors, measured: dict, cache: Cache, stats: 
     timing = cache.get(what)
     if timing is not None:
         stats.cached += 1
+    elif cached_only:
+        return None
     elif deadline is not None and time.monotonic() > deadline and not cand.is_dense:
         stats.skipped_budget += 1
         timing = None

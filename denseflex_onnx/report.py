@@ -61,7 +61,8 @@ def _jsonable(value):
     raise TypeError(type(value).__name__)
 
 
-CSV_FIELDS = ["layer", "spec", "method", "params", "flops", "error", "latency_ms", "p90_ms", "dropped", "chosen"]
+CSV_FIELDS = ["layer", "spec", "method", "params", "flops", "error", "latency_ms", "p90_ms", "latency_bound_ms", "dropped",
+              "chosen"]
 
 
 def candidate_rows(space, chosen: dict) -> list[dict]:
@@ -70,7 +71,9 @@ def candidate_rows(space, chosen: dict) -> list[dict]:
         for c in space.candidates[name]:
             rows.append({"layer": name, "spec": c.spec, "method": c.choice.method, "params": c.params,
                          "flops": c.flops, "error": None if math.isnan(c.error) else round(c.error, 6),
-                         "latency_ms": None if c.latency is None else round(c.latency * 1e3, 5),
+                         # a bound (model-guided timing: never timed) is not a latency
+                         "latency_ms": None if c.latency is None or c.latency_bound else round(c.latency * 1e3, 5),
+                         "latency_bound_ms": round(c.latency * 1e3, 5) if c.latency_bound else None,
                          "p90_ms": None if c.p90 is None else round(c.p90 * 1e3, 5),
                          "dropped": c.dropped, "chosen": chosen.get(name) is c,
                          # a pair's candidate replaces these layers too (its params and FLOPs are the pair's)
@@ -210,7 +213,7 @@ def explore_report(ex: "_Explored", path, status, chosen: dict, verified: "searc
                    misses: list[str], steps: list, plan: "Plan | None") -> dict:
     """report.json's content for a run (`ex`, api._explore's), its chosen plan and the verifications."""
     grid = ex.space.stage_counts.get("grid", 0)
-    never = sum(1 for c in ex.space.all() if c.latency is None)
+    never = sum(1 for c in ex.space.all() if c.latency is None or c.latency_bound)
     stages = {**ex.space.stage_counts, "timed": ex.measure_stats.timed, "cached": ex.measure_stats.cached,
               "timing_failed": ex.measure_stats.failed, "not_timed_budget": ex.measure_stats.skipped_budget,
               "never_timed_share": never / grid if grid else 0.0,

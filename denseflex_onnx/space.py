@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,7 @@ class Candidate:
     flops: int
     error: float = math.nan           # relative output error, X^T X as Factors.fit_stats expects it
     latency: float | None = None      # median seconds of the one-layer model
+    latency_bound: bool = False       # `latency` is a lower bound, not timed (profile.measure_space lazy)
     p90: float | None = None
     dropped: str | None = None        # the pruning stage that removed it, if any
     # a pair candidate (prune) also replaces these layers (its consumer), which then stay dense;
@@ -66,6 +68,14 @@ class Space:
     error_scale: dict[str, float] = field(default_factory=dict)
     # the same by method, corrected from measured plans (search.corrected): prune vs factorization
     method_scale: dict[str, float] = field(default_factory=dict)
+    # times candidates whose latency is only a bound (profile.measure_space, lazy); None: all timed
+    timer: Callable[[list["Candidate"]], None] | None = field(default=None, repr=False, compare=False)
+
+    def time(self, cands) -> None:
+        """Replace the latency bounds among `cands` by timings (a bound left untimed is dropped)."""
+        pending = [c for c in cands if c.latency_bound]
+        if pending and self.timer is not None:
+            self.timer(pending)
 
     def weighted_error(self, cand: Candidate) -> float:
         """What the solver adds up for a layer: its squared relative error (a pair's at its
@@ -552,6 +562,8 @@ def dominated(cands: list[Candidate], keys: tuple[str, ...]) -> list[Candidate]:
             continue
         vi = values[i]
         for j, vj in enumerate(values):
+            if cands[j].latency_bound and "latency" in keys:   # a bound beats nothing: it may be low
+                continue
             if j != i and all(b <= a for a, b in zip(vi, vj)) and (vj != vi or j < i):
                 out.append(c)
                 break

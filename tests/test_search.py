@@ -72,6 +72,39 @@ def test_milp_matches_brute_force(seed, objective):
     assert limits.latency is None or e.latency <= limits.latency + 1e-9
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_latency_bounds_timed_on_demand_give_the_brute_force_optimum(seed):
+    """Model-guided timing: non-dense latencies hidden behind lower bounds (a random share of the
+    truth), revealed only when the solver picks one (space.timer). The optimum is the one the
+    whole truth gives, and some candidates are never timed."""
+    rng = np.random.default_rng(100 + seed)
+    space = random_space(rng, layers=4, per_layer=6)
+    itemsize = {n: 4 for n in space.candidates}
+    baseline = Baseline(latency=12.0, bytes=4 * sum(c[0].params for c in space.candidates.values()) + 1000,
+                        flops=300_000, metric=90.0)
+    limits = Limits(latency=float(rng.uniform(7, 11)), bytes=None, flops=None, accuracy_drop=1.0)
+    budget = float(rng.uniform(0.2, 1.0))
+    expected, expected_value = brute_force(space, baseline, limits, "latency", budget, itemsize)
+    truth = {id(c): c.latency for c in space.all()}
+    for c in space.all():
+        if not c.is_dense:
+            c.latency, c.latency_bound = truth[id(c)] * float(rng.uniform(0.3, 1.0)), True
+    timed = []
+
+    def timer(cands):
+        for c in cands:
+            c.latency, c.latency_bound = truth[id(c)], False
+            timed.append(c)
+    space.timer = timer
+    got = solve(space, baseline, limits, "latency", budget, itemsize)
+    if expected is None:
+        assert got is None
+        return
+    assert got is not None and not any(c.latency_bound for c in got.values())
+    assert estimate(space, got, baseline, itemsize).latency == pytest.approx(expected_value, rel=1e-9)
+    assert len(timed) < sum(1 for c in space.all() if not c.is_dense)
+
+
 def test_milp_returns_none_when_nothing_fits():
     space = random_space(np.random.default_rng(0))
     baseline = Baseline(10.0, 100_000, 200_000, 90.0)
