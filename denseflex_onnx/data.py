@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from .errors import UserError
-from .model import LoadedModel, fixed_dim, graph_inputs, first_line
+from .model import LoadedModel, fixed_dim, graph_inputs
 
 log = logging.getLogger("denseflex_onnx")
 

@@ -223,8 +223,8 @@ def without_big_data(model: onnx.ModelProto, stubs: bool = True) -> onnx.ModelPr
     their type and dims (enough for shape inference), else they are left out. Small enough
     to serialize, which over 2 GB the model is not."""
     skeleton = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(skeleton, field, getattr(model, field))
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, name, getattr(model, name))
     skeleton.opset_import.extend(model.opset_import)
     skeleton.functions.extend(model.functions)
     graph = skeleton.graph

@@ -10,7 +10,7 @@ import numpy as np
 from denseflex_onnx import costs
 from denseflex_onnx.errors import UserError
 
-from .chain import Chain, conv_geometry, rank_from_text, split_singular_values
+from .chain import Chain, conv_geometry, rank_from_text
 from . import svd
 
 NAME = "conv_svd"

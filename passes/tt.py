@@ -175,7 +175,7 @@ def _lstsq(design: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 
 def _refit_last(cores, sketch, target):
-    d, m = len(cores), sketch.shape[0]
+    m = sketch.shape[0]
     k_last, n_last, r = cores[-1].shape[1], cores[-1].shape[2], cores[-1].shape[0]
     head = reconstruct_head(cores[:-1])                           # [K<, N<, r]
     x = sketch.reshape(m, -1, k_last)                             # [m, K<, k_d]
