@@ -47,8 +47,18 @@ MODELS = {
     "minilm": {"label": "MiniLM-L6", "path": MODELS_DIR / "minilm.onnx", "data": MODELS_DIR / "minilm_sentences.npz",
                "constraint": {"flops": "-20%"}, "max_drop": 2.0, "shapes": MINILM_SHAPES, "text": "FLOPs -20%"},
 }
+# the scale curve: BERT-base-shaped encoders of random weights (bench/synthetic.py), written to the
+# bench's temporary folder, cold runs only, with MiniLM's constraint
+SCALE_BLOCKS = (12, 24)
+SCALE_SAMPLES = 160                     # 128 calibrate, 32 evaluate, as MiniLM's first 128 calibrate
+for _blocks in SCALE_BLOCKS:
+    MODELS[f"bert{_blocks}"] = {"label": f"BERT-base-shaped, {_blocks} blocks", "path": None, "data": None,
+                                "constraint": {"flops": "-20%"}, "max_drop": 2.0, "shapes": None,
+                                "text": "FLOPs -20%", "blocks": _blocks}
+# the scale curve's targets: BERT-base <= 4x MiniLM's cold time, 24 blocks <= 2.2x 12 blocks
+SCALE_TARGET, LINEAR_TARGET = 4.0, 2.2
 # seconds a run takes (process included) before one like it has been measured, 2 cores
-GUESS = {"mlp": 25.0, "cnn": 25.0, "minilm": 150.0}
+GUESS = {"mlp": 25.0, "cnn": 25.0, "minilm": 150.0, "bert12": 600.0, "bert24": 1200.0}
 STAGES = [("calibration activations", "calibration"), ("decomposition and layer errors", "decomposition"),
           ("original model", "original"), ("timing candidates", "timing"), ("layer sensitivity", "sensitivity"),
           ("verifying plans end to end", "verification")]
@@ -149,6 +159,8 @@ class Bench:
         if left < need:
             self.notes.append(f"{name}: skipped, it takes about {need:.0f} s and {max(left, 0):.0f} s were left")
             return
+        if m["path"] is None:
+            self.synthesize(key)
         cache = self.tmp / f"{key}-cache"
         args = {"path": str(m["path"]), "data": str(m["data"]), "max_accuracy_drop": m["max_drop"],
                 "cache_dir": str(cache), "input_shapes": m["shapes"], "timing": TIMING,
@@ -171,13 +183,24 @@ class Bench:
         rec["process_s"] = spent
         self.runs[(key, kind)] = rec
 
+    def synthesize(self, key: str) -> None:
+        """Write a scale-curve model and its data (bench/synthetic.py) to the temporary folder."""
+        from bench import synthetic
+        m = MODELS[key]
+        import onnx
+        import numpy as np
+        m["path"], m["data"] = self.tmp / f"{key}.onnx", self.tmp / f"{key}.npz"
+        onnx.save(synthetic.encoder(m["blocks"]), str(m["path"]))
+        np.savez(m["data"], **synthetic.calibration(SCALE_SAMPLES))
+
     def main(self) -> None:
         if not MODELS["minilm"]["path"].exists():
             self.unavailable["minilm"] = ("models/minilm.onnx is absent (create it with `python "
                                           "models/export_minilm.py -o models/minilm.onnx`, which needs the `models` "
                                           "extra; bench/e2e.py tries that)")
         order = [("minilm", "cold"), ("mlp", "cold"), ("mlp", "warm"), ("mlp", "exhaustive"), ("cnn", "cold"),
-                 ("cnn", "warm"), ("cnn", "exhaustive"), ("minilm", "warm"), ("minilm", "exhaustive")]
+                 ("cnn", "warm"), ("cnn", "exhaustive"), ("minilm", "warm"), ("minilm", "exhaustive"),
+                 *((f"bert{n}", "cold") for n in SCALE_BLOCKS)]
         for key, kind in order:
             self.run_one(key, kind)
 
@@ -229,7 +252,8 @@ def render(b: Bench, elapsed: float, load: tuple) -> tuple[str, list[dict]]:
     md.append(f"Each optimize in its own process (peak memory = its VmHWM), 1 onnxruntime thread, BLAS threads "
               f"{b.blas if b.blas is not None else 'as inherited'}; {os.cpu_count()} cores, load average "
               f"{load[0]:.2f} at the start, {load[1]:.2f} at the end. Constraints: "
-              + ", ".join(f"{m['label']} {m['text']} (max drop {m['max_drop']:g})" for m in MODELS.values())
+              + ", ".join(f"{m['label']} {m['text']} (max drop {m['max_drop']:g})" for m in MODELS.values()
+                          if "blocks" not in m)
               + f", each with its --data. Timing budget per measurement: {TIMING['min_runs']}-{TIMING['max_runs']} "
               f"runs or {TIMING['max_seconds']} s. Cold = fresh profile cache; warm = the same cache again; "
               f"exhaustive = no pruning, every grid candidate timed (warm cache). Ran {elapsed:.0f} s of a "
@@ -273,6 +297,8 @@ def render(b: Bench, elapsed: float, load: tuple) -> tuple[str, list[dict]]:
                   f"peak memory <= {MEMORY_FACTOR:g}x the weight bytes + 500 MB: " + "; ".join(parts) + ".")
     verdicts = []
     for key, m in MODELS.items():
+        if "blocks" in m:               # the scale curve's models are timed cold only
+            continue
         c, w, e = (b.runs.get((key, k)) for k in ("cold", "warm", "exhaustive"))
         if not c or "stages" not in c:
             continue
@@ -359,6 +385,41 @@ def render(b: Bench, elapsed: float, load: tuple) -> tuple[str, list[dict]]:
             md.append(f"| {m['label']} | {kind} | " + " | ".join(
                 f"{r['stage_s'][long]:.1f}" if long in r["stage_s"] else "-" for long, _ in STAGES) + " |")
     md.append("")
+
+    # ---- scale curve
+    scale = [(key, b.runs.get((key, "cold"))) for key in ["minilm", *(f"bert{n}" for n in SCALE_BLOCKS)]]
+    scale = [(key, r) for key, r in scale if r]
+    if len(scale) > 1:
+        md += ["### Scale curve", "",
+               "Cold runs, FLOPs -20% (max drop 2) with --data: MiniLM-L6 (6 blocks, hidden 384) and "
+               "BERT-base-shaped encoders of random weights (bench/synthetic.py: hidden 768, FFN 3072, 12 heads, "
+               f"1 x 64 tokens, {SCALE_SAMPLES} random samples), 6 weight MatMuls per block.", "",
+               "| model | layers | optimize | per layer | peak memory | weights | never timed | vs MiniLM |",
+               "|---|---|---|---|---|---|---|---|"]
+        base = scale[0][1].get("wall_s") if scale[0][0] == "minilm" else None
+        for key, r in scale:
+            layers = 6 * (MODELS[key].get("blocks") or 6)
+            if "wall_s" not in r:
+                md.append(f"| {MODELS[key]['label']} | {layers} | stopped after {r['stopped_s']:.0f} s | | | | | |")
+                continue
+            versus = f"{r['wall_s'] / base:.2f}x" if base else ""
+            md.append(f"| {MODELS[key]['label']} | {layers} | {_s(r['wall_s'])} | {r['wall_s'] / layers:.1f} s | "
+                      f"{_mb(r['peak_bytes'])} | {_mb(r['baseline']['bytes'])} | "
+                      f"{_pct(r['stages'].get('never_timed_share'))} | {versus} |")
+            rows.append({"bench": "search", "section": "scale", "model": key, "layers_found": layers,
+                         "wall_s": r["wall_s"], "peak_memory_bytes": r["peak_bytes"],
+                         "stages_never_timed_share": r["stages"].get("never_timed_share")})
+        done = {key: r for key, r in scale if "wall_s" in r}
+        checks = []
+        if base and "bert12" in done:
+            ratio = done["bert12"]["wall_s"] / base
+            checks.append(f"BERT-base-shaped <= {SCALE_TARGET:g}x MiniLM's cold time: {ratio:.2f}x: "
+                          f"**{'met' if ratio <= SCALE_TARGET else 'missed'}**")
+        if "bert12" in done and "bert24" in done:
+            ratio = done["bert24"]["wall_s"] / done["bert12"]["wall_s"]
+            checks.append(f"24 blocks <= {LINEAR_TARGET:g}x 12 blocks: {ratio:.2f}x: "
+                          f"**{'met' if ratio <= LINEAR_TARGET else 'missed'}**")
+        md += [""] + [f"- {c}." for c in checks] + ([""] if checks else [])
 
     # ---- findings
     findings = []
