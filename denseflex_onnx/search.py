@@ -9,9 +9,12 @@ is tightened by the measured miss; at most `max_verifications` end-to-end checks
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -182,11 +185,32 @@ def _solve_once(space: Space, baseline: Baseline, limits: Limits, objective: str
 def _milp(c: np.ndarray, matrix: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> list[bool] | None:
     """Which binary variables the optimum sets, or None if the problem has no solution."""
     from scipy.optimize import Bounds, LinearConstraint, milp    # imported where used: the CLI starts faster
-    result = milp(c, integrality=np.ones(len(c)), bounds=Bounds(0, 1),
-                  constraints=LinearConstraint(matrix, lower, upper))
+    with _native_stdout_silenced():
+        result = milp(c, integrality=np.ones(len(c)), bounds=Bounds(0, 1),
+                      constraints=LinearConstraint(matrix, lower, upper))
     if result.status != 0 or result.x is None:
         return None
     return [bool(x) for x in np.round(result.x)]
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """File descriptor 1 to /dev/null while HiGHS runs: the HiGHS in scipy 1.17 prints a stray
+    "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();" to the C stdout,
+    whatever its output options say (ERGO-Code/HiGHS#2783), into the middle of a user's report."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):     # no usable fd 1: nothing to protect
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _digest(*arrays: np.ndarray) -> str:

@@ -1,6 +1,7 @@
 """The choice stage: the MILP against brute force, limits, misses, the bisection loop."""
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -103,6 +104,20 @@ def test_latency_bounds_timed_on_demand_give_the_brute_force_optimum(seed):
     assert got is not None and not any(c.latency_bound for c in got.values())
     assert estimate(space, got, baseline, itemsize).latency == pytest.approx(expected_value, rel=1e-9)
     assert len(timed) < sum(1 for c in space.all() if not c.is_dense)
+
+
+def test_the_solver_leaves_the_process_stdout_as_it_found_it(capfd):
+    """HiGHS's stray C-level prints are silenced while it runs (fd 1 to /dev/null), and what this
+    process writes to fd 1 before and after still reaches it."""
+    rng = np.random.default_rng(0)
+    space = random_space(rng)
+    itemsize = {n: 4 for n in space.candidates}
+    baseline = Baseline(latency=10.0, bytes=10**6, flops=200_000, metric=90.0)
+    os.write(1, b"before|")
+    solve(space, baseline, Limits(latency=9.0, bytes=None, flops=None, accuracy_drop=1.0), "latency", 1.0, itemsize)
+    os.write(1, b"after")
+    print("|printed")
+    assert capfd.readouterr().out == "before|after|printed\n"
 
 
 def test_milp_returns_none_when_nothing_fits():
