@@ -196,14 +196,15 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
                   keys: tuple[str, ...] = ("latency", "params", "flops", "error"), prune: bool = True,
                   pairs: dict | None = None, lazy: bool = False) -> MeasureStats:
     """Times every surviving candidate (`lazy`: only the anchors, see ANCHORS); layers alike
-    (same signature) are timed once, and a timing in the cache is always used.
+    (same signature) are timed once, and a timing in the cache is read, not measured again.
 
     A pair candidate (prune, `pairs` by producer) is timed as its two layers at the channels
     kept, each alone like a dense layer: its latency is their sum, against the sum of the two
     dense layers (the elementwise ops between, which pruning also shrinks, are not counted).
 
-    `lazy`: a candidate neither timed nor cached gets `latency` = a lower bound of it and
-    `latency_bound` = True; `space.timer` times such candidates when the solver needs them.
+    `lazy`: a candidate other than the anchors gets `latency` = a lower bound of it and
+    `latency_bound` = True; `space.timer` times such candidates (or reads them from the cache)
+    when the solver needs them.
 
     Stage 3 then drops candidates dominated on `keys`: the figures the constraints and
     the objective use (latency and error always); a bound never dominates.
@@ -217,7 +218,7 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
     stats = MeasureStats()
     measured: dict[tuple, Timing | None] = {}
 
-    def take(cand, cached_only: bool = False, counted: bool = True) -> bool:
+    def take(cand, counted: bool = True) -> bool:
         """Time `cand` (or read it); False if it is left without a latency."""
         if cand.covers:
             units = [(part, DENSE) for part in pairs[cand.layer].layers_at(cand.choice.config["keep"])]
@@ -226,12 +227,11 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
         total = []
         for layer, choice in units:
             total.append(_measure(layer, choice, cand, factors, measured, cache, stats, provider, threads,
-                                  budget, deadline, opset, engine_cache, warn, cached_only))
+                                  budget, deadline, opset, engine_cache, warn))
             if total[-1] is None:
                 break
         if total[-1] is None:
-            if not cached_only:
-                cand.dropped = NOT_TIMED if deadline is not None and time.monotonic() > deadline else TIMING_FAILED
+            cand.dropped = NOT_TIMED if deadline is not None and time.monotonic() > deadline else TIMING_FAILED
             return False
         cand.latency, cand.p90, cand.latency_bound = sum(t.median for t in total), sum(t.p90 for t in total), False
         if on_candidate and counted:
@@ -253,7 +253,9 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
             group.sort(key=lambda c: (c.flops, c.params))
             for i in sorted({0, len(group) // 2, len(group) - 1}):
                 take(group[i])
-            rest = [c for c in group if c.dropped is None and c.latency is None and not take(c, cached_only=True)]
+            # bounds even where the cache holds a timing: the search then takes the same path
+            # whatever the cache holds, so a warm run reaches the cold run's plan
+            rest = [c for c in group if c.dropped is None and c.latency is None]
             if deadline is not None and time.monotonic() > deadline:
                 for cand in rest:       # a bound no timing can replace is of no use to the solver
                     cand.dropped = NOT_TIMED
@@ -293,11 +295,9 @@ def _bound(cands: list, anchors: list) -> None:
 
 
 def _measure(layer, choice, cand, factors, measured: dict, cache: Cache, stats: MeasureStats, provider: str,
-             threads: int, budget: Budget, deadline, opset: int, engine_cache, warn,
-             cached_only: bool = False) -> Timing | None:
+             threads: int, budget: Budget, deadline, opset: int, engine_cache, warn) -> Timing | None:
     """One one-layer model's timing, from this run's memo, the cache, or measured now; None when
-    it failed or time ran out (counted in `stats`, reported through `warn`), or (`cached_only`)
-    when it is neither in the memo nor in the cache."""
+    it failed or time ran out (counted in `stats`, reported through `warn`)."""
     from .rewrite import one_layer_model
     dense = choice.method == "dense"
     spec = "dense" if dense else choice.spec
@@ -308,8 +308,6 @@ def _measure(layer, choice, cand, factors, measured: dict, cache: Cache, stats: 
     timing = cache.get(what)
     if timing is not None:
         stats.cached += 1
-    elif cached_only:
-        return None
     elif deadline is not None and time.monotonic() > deadline and not cand.is_dense:
         stats.skipped_budget += 1
         timing = None

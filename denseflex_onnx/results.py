@@ -51,12 +51,14 @@ def code_digest() -> str:
 class Results:
     """JSON values on disk under `folder`, keyed by `context` (what every entry of the run shares)
     plus what each one is; `None` folder: nothing is stored or read. `hits` counts reads served,
-    by kind."""
+    by kind, of entries this object did not write (what an earlier run computed: a search that
+    meets the same solver problem twice is not served by the cache's past)."""
 
     def __init__(self, folder: Path | None, context: dict):
         self.folder = folder
         self.context = {**context, "format": FORMAT, "code": code_digest()}
         self.hits: dict[str, int] = {}
+        self._written: set[Path] = set()
         self._counting = threading.Lock()       # probes read entries from several threads (--jobs)
 
     def _key(self, kind: str, what: dict) -> dict:
@@ -72,7 +74,8 @@ class Results:
         except OSError:
             pass
         with self._counting:
-            self.hits[kind] = self.hits.get(kind, 0) + 1
+            if path not in self._written:
+                self.hits[kind] = self.hits.get(kind, 0) + 1
 
     def get(self, kind: str, what: dict):
         """The stored value, or None (absent, unreadable or foreign: then computed again)."""
@@ -98,7 +101,10 @@ class Results:
             return
         key = self._key(kind, what)
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self._path(key), json.dumps({"key": key, "value": value}, default=str).encode())
+        path = self._path(key)
+        atomic_write_bytes(path, json.dumps({"key": key, "value": value}, default=str).encode())
+        with self._counting:
+            self._written.add(path)
 
     def get_arrays(self, kind: str, what: dict) -> dict[str, np.ndarray] | None:
         """Like `get`, for a value that is named arrays (put_arrays)."""
@@ -128,7 +134,10 @@ class Results:
         self.folder.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, **{KEY_ARRAY: np.array(json.dumps(key, default=str))}, **arrays)
-        atomic_write_bytes(self._path(key, ".npz"), buf.getvalue())
+        path = self._path(key, ".npz")
+        atomic_write_bytes(path, buf.getvalue())
+        with self._counting:
+            self._written.add(path)
 
 
 KEY_ARRAY = "__key__"
