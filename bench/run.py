@@ -113,8 +113,16 @@ def main() -> int:
             continue
         print(f"[bench] {name}: budget {budget * args.scale:.0f} s", flush=True)
         t = time.monotonic()
-        module = importlib.import_module(f"bench.{name}")
-        result = module.run(budget * args.scale)
+        try:
+            module = importlib.import_module(f"bench.{name}")
+            result = module.run(budget * args.scale)
+        except Exception:           # one benchmark's bug must not lose the others' hour of results
+            import traceback
+            trace = traceback.format_exc()
+            print(trace, file=sys.stderr, flush=True)
+            last = trace.strip().splitlines()[-1]
+            result = {"markdown": f"## {name}\n\nThis benchmark failed: `{last}` (traceback on stderr).\n",
+                      "rows": []}
         sections.append(result["markdown"].rstrip() + f"\n\n_{name}: {time.monotonic() - t:.0f} s._\n")
         rows += result["rows"]
     sections.insert(0, targets(rows))

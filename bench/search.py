@@ -139,6 +139,8 @@ class Bench:
         cold = self.runs.get((key, "cold"))
         if cold is None:
             return GUESS[key]
+        if "stage_s" not in cold:       # stopped at the budget: at least that long
+            return cold["stopped_s"]
         stage = cold["stage_s"]
         if kind == "warm":      # the results cache skips measuring; loading, statistics and the space remain
             measured = ("timing candidates", "layer sensitivity", "verifying plans end to end")
