@@ -147,3 +147,44 @@ def test_the_residual_gap_is_fitted_with_the_layer():
     assert np.abs(want - without).max() > 0.2          # the gap moves the fit
     np.testing.assert_allclose(got.weight, want[:-1], rtol=0.02, atol=0.02)
     np.testing.assert_allclose(got.bias, want[-1], rtol=0.02, atol=0.02)
+
+
+def test_anchored_sums_are_those_of_the_tapped_activations(tmp_path):
+    """collect_anchored over one-sample chunks (a batch-1 model) against numpy on the whole
+    taps: Q and K read the same input (one set of sums serves both), and the output projection,
+    whose residual Add sums it with q, gets X~^T (R - R~) of the two models' q."""
+    r = rng(4)
+    w = {n: r.standard_normal((8, 8)).astype(np.float32) for n in ("Wq", "Wk", "Wo")}
+    def build(wq):
+        nodes = [helper.make_node("MatMul", ["X", "Wq"], ["q"], name="q"),
+                 helper.make_node("MatMul", ["X", "Wk"], ["k"], name="k"),
+                 helper.make_node("Add", ["q", "k"], ["s"]), helper.make_node("MatMul", ["s", "Wo"], ["o"], name="o"),
+                 helper.make_node("Add", ["o", "q"], ["Y"])]
+        return model(nodes, [value("X", ["N", 8])], [value("Y", ["N", 8])],
+                     [init("Wq", wq), init("Wk", w["Wk"]), init("Wo", w["Wo"])])
+    original = build(w["Wq"])
+    rewritten = build(w["Wq"] + 0.3 * r.standard_normal((8, 8)).astype(np.float32))
+    prep = api._prepare(save(original, tmp_path / "m.onnx"), {"X": (1, 8)})
+    x = r.standard_normal((300, 8)).astype(np.float32)
+    from denseflex_onnx.data import Dataset
+    layers = [prep.layers[n] for n in ("q", "k", "o")]
+    assert sequential.residual(prep.loaded.proto.graph, prep.layers["o"]) == "q"
+    got = calibrate.collect_anchored(prep.loaded, rewritten, layers, Dataset({"X": x}, {}, None), residuals={"o": "q"})
+    def taps(m):
+        tapped = onnx.ModelProto()
+        tapped.CopyFrom(m)
+        tapped.graph.output.extend([onnx.ValueInfoProto(name="s"), onnx.ValueInfoProto(name="q")])
+        return (a.astype(np.float64) for a in run(tapped, {"X": x}, ["s", "q"]))
+    s, q = taps(original)
+    st, qt = taps(rewritten)
+    x64 = x.astype(np.float64)
+    for name in ("q", "k"):
+        np.testing.assert_allclose(got[name].gram_tilde, x64.T @ x64, rtol=1e-9)
+        np.testing.assert_allclose(got[name].cross, x64.T @ x64, rtol=1e-9)
+        assert got[name].count == 300 and got[name].gap_cross is None
+    o = got["o"]
+    np.testing.assert_allclose(o.gram_tilde, st.T @ st, rtol=1e-6)
+    np.testing.assert_allclose(o.cross, st.T @ s, rtol=1e-6)
+    np.testing.assert_allclose(o.total, s.sum(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(o.gap_cross, st.T @ (q - qt), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(o.gap_total, (q - qt).sum(0), rtol=1e-6, atol=1e-6)
