@@ -79,7 +79,9 @@ def test_api_and_cli_give_the_same_plan(small_mlp, tmp_path):
 
 
 def test_exhaustive_timing_and_pruned_search_choose_the_same_plan(tmp_path):
-    """On the bundled MLP, timings fixed by a cache filled by timing the whole grid. A FLOPs limit,
+    """On the bundled MLP, timings fixed by a cache filled by timing the whole grid: the pruned
+    search with model-guided timing (bounds, timed on demand) reaches the plan that every
+    candidate's timing gives. A FLOPs limit,
     with latency the objective: the timings still decide what is pruned and what is chosen, but no
     verdict hangs on a whole-model A/B that load can tip either way (a latency limit would).
     The 512x10 head (0.2% of the FLOPs) is excluded from both: the pruned search keeps a
@@ -94,7 +96,8 @@ def test_exhaustive_timing_and_pruned_search_choose_the_same_plan(tmp_path):
     assert pruned.report["stages"]["timed"] == 0            # everything came from the cache
     assert full.report["stages"]["never_timed_share"] == 0
     s = pruned.report["stages"]
-    assert 0 < s["never_timed_share"] == pytest.approx(1 - s["after_dominated"] / s["grid"])
+    # model-guided timing: bounds stand in for more than what was pruned before timing, whatever the cache holds
+    assert s["never_timed_share"] > 1 - s["after_dominated"] / s["grid"] > 0
     assert pruned.plan.to_json()["layers"] == full.plan.to_json()["layers"]
     assert pruned.feasible
 
