@@ -37,8 +37,8 @@ JobsOpt = typer.Option(None, "--jobs", help="layers decomposed and probes measur
 CacheDirOpt = typer.Option(None, "--cache-dir", help="the cache folder (default ~/.cache/denseflex-onnx/profiles)")
 BudgetOpt = typer.Option(None, "--memory-budget", help="memory the calibration statistics may hold, e.g. 8GB "
                          "(default: half of the memory available)")
-CalibrationOpt = typer.Option(None, "--calibration", help="sequential|independent: fit each layer stage by stage on "
-                              "the rewritten model's inputs (default with --data), or on the original model's")
+CalibrationOpt = typer.Option(None, "--calibration", help="independent|sequential: fit each layer on the original "
+                              "model's inputs (default), or stage by stage on the rewritten model's")
 
 
 class RichProgress(api.Progress):
