@@ -251,7 +251,7 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
             groups.setdefault((cand.layer, cand.choice.method), []).append(cand)
         for group in groups.values():
             group.sort(key=lambda c: (c.flops, c.params))
-            for i in sorted({0, len(group) // 2, len(group) - 1}):
+            for i in sorted({round(k * (len(group) - 1) / max(ANCHORS - 1, 1)) for k in range(ANCHORS)}):
                 take(group[i])
             # bounds even where the cache holds a timing: the search then takes the same path
             # whatever the cache holds, so a warm run reaches the cold run's plan
