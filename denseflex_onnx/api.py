@@ -439,8 +439,8 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
                                            results, score_apart)
     # candidates are fitted on half the calibration samples and scored on the other half; the
     # plans that are built are fitted on all of them
-    scored = space_mod.Factors(prep.layers, scoring, mode, held_out)
-    factors = space_mod.Factors(prep.layers, stats, mode) if held_out else scored
+    scored = space_mod.Factors(prep.layers, scoring, mode, held_out, memo=(results, "scoring part"))
+    factors = space_mod.Factors(prep.layers, stats, mode, memo=(results, "all")) if held_out else scored
     known = {n: results.get("errors", {"layer": n}) or {} for n in prep.layers}
     # what the memory budget leaves beside the statistics held: where parallel work must fit
     spare = max(budget_bytes - sum(r.bytes for r in representations.values()), 0)

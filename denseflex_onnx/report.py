@@ -204,7 +204,8 @@ def _results_line(hits: dict) -> str:
     """What came from the results cache (an earlier run with the same inputs), if anything."""
     names = {"errors": "layers' candidate errors", "probe": "sensitivity probes", "verified": "verified plans",
              "statistics": "calibration statistics", "reference": "original model outputs",
-             "held-out errors": "held-out layer errors", "solution": "solver runs"}
+             "held-out errors": "held-out layer errors", "solution": "solver runs",
+             "removal order": "channel removal orders"}
     parts = [f"{n} {names.get(kind, kind)}" for kind, n in sorted(hits.items()) if n]
     return f" From the results cache: {', '.join(parts)}." if parts else ""
 
