@@ -279,6 +279,26 @@ def calibrated_pair(tmp_path, case):
     return pair, statistics(loaded, pair.consumer, x), input_rows(pair, tapped(m, x, pair.consumer.input))
 
 
+def test_a_removal_order_from_the_results_cache_is_the_one_computed(tmp_path):
+    """A later run's Factors read the greedy order an earlier one stored (results cache), and
+    prune to the same channels and weights as one that computes it."""
+    from denseflex_onnx import results
+    from denseflex_onnx.space import Factors
+    case = sorted(CASES)[0]
+    pair, stats, _ = calibrated_pair(tmp_path, case)
+    layers = {pair.producer.name: pair.producer, pair.consumer.name: pair.consumer}
+    choice = Choice("prune", {"keep": pair.channels // 2}, consumer=pair.consumer.name)
+    fresh = Factors(layers, {pair.consumer.name: stats}, "whitened").pair_factors(pair, choice)
+    first = results.Results(tmp_path / "r", {"model": "m"})
+    Factors(layers, {pair.consumer.name: stats}, "whitened", memo=(first, "all")).pair_factors(pair, choice)
+    later = results.Results(tmp_path / "r", {"model": "m"})
+    again = Factors(layers, {pair.consumer.name: stats}, "whitened", memo=(later, "all")).pair_factors(pair, choice)
+    assert later.hits == {"removal order": 1}
+    for a, b in zip(fresh, again):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_refit_is_least_squares_on_the_activations(tmp_path, case):
     """The refit equals numpy's lstsq of [H_S, 1] against H W2 + b, H from onnxruntime."""
