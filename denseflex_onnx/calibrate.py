@@ -400,12 +400,14 @@ def collect_anchored(model: LoadedModel, rewritten: onnx.ModelProto, layers: lis
     sums: dict[tuple, Anchored] = {}
     gaps: dict[str, list] = {}
     pending: dict[tuple, list] = {key: [] for key in groups}
+    held = dict.fromkeys(groups, 0)        # bytes of X rows pending per group
     unaligned: set[str] = set()
 
     def flush(key: tuple) -> None:
         blocks = pending[key]
         if not blocks:
             return
+        held[key] = 0
         x, xt = np.vstack([b[0] for b in blocks]), np.vstack([b[1] for b in blocks])
         k = x.shape[1]
         s = sums.setdefault(key, Anchored(np.zeros((k, k)), np.zeros((k, k)), np.zeros(k), np.zeros(k),
@@ -443,7 +445,8 @@ def collect_anchored(model: LoadedModel, rewritten: onnx.ModelProto, layers: lis
                     del gap[name]
                 pending[key].append((x, xt, {n: g[start:start + len(x)] for n, g in gap.items()}))
                 start += len(x)
-                if sum(b[0].nbytes for b in pending[key]) >= BLOCK_BYTES // 8:
+                held[key] += x.nbytes
+                if held[key] >= BLOCK_BYTES // 8:
                     flush(key)
             for name, g in gap.items():
                 if g.shape[0] != start:     # a broadcasting Add: its rows are not the layer's output rows
