@@ -24,7 +24,8 @@ from . import loading, pairs as pairs_mod, results as results_mod, verify
 from .constraints import Constraints, METRICS, format_bytes, parse_memory_budget
 from .errors import UserError
 from .passes import PASSES
-from .plan import CALIBRATIONS, DENSE, FACTORIZATIONS, Choice, Plan, parse_layer_option, parse_spec, read_plan
+from .plan import (CALIBRATIONS, DENSE, FACTORIZATIONS, INT8_SUFFIX, Choice, Plan, int8_refusal, parse_layer_option,
+                   parse_spec, read_plan)
 from .runtime import create_session, resolve_provider
 
 log = logging.getLogger("denseflex_onnx")
@@ -324,14 +325,18 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
 
 def _plan_for_all(prep: _Prepared, spec: str) -> tuple[Plan, list[str]]:
     choices, notes = {}, []
-    method = spec.partition(":")[0]
-    if method not in PASSES:
+    method = spec.removesuffix(INT8_SUFFIX).partition(":")[0]
+    if method != "dense" and method not in PASSES:
         raise UserError(f"--all {spec!r}: unknown method {method!r}; use one of {', '.join(PASSES)}")
-    if getattr(PASSES[method], "TARGET", "layer") == "pair":
+    if method == "dense" and not spec.endswith(INT8_SUFFIX):
+        raise UserError(f"--all dense rewrites nothing; dense{INT8_SUFFIX} quantizes every layer")
+    if method != "dense" and getattr(PASSES[method], "TARGET", "layer") == "pair":
         raise UserError(f"--all {spec}: pairs share layers; name each pair by its producer with "
                         f"--layer PRODUCER={spec} (`denseflex-onnx inspect` lists the pairs)")
     for name, layer in prep.layers.items():
-        reason = PASSES[method].applies(layer)
+        reason = PASSES[method].applies(layer) if method != "dense" else None
+        if reason is None and spec.endswith(INT8_SUFFIX):
+            reason = int8_refusal(layer)
         if reason:
             notes.append(f"{name}: left dense ({reason})")
             continue
@@ -362,7 +367,7 @@ def _summary(prep: _Prepared, plan: Plan, new: onnx.ModelProto) -> dict:
         flops_before += layer.flops
         params_after += p
         flops_after += f
-        if choice.method != "dense":
+        if choice.changes:
             rows.append({"layer": name, "spec": choice.spec, "params": [int(layer.params), int(p)],
                          "flops": [int(layer.flops), int(f)]})
     return {"rewritten": rows, "layer_params": [params_before, params_after], "layer_flops": [flops_before, flops_after],
@@ -668,6 +673,7 @@ def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective
     held_out = verify.held_out_errors_cached(ex, found.choices)
     data_out = report.explore_report(ex, path, status, found.choices, found.verified, misses, found.steps, plan)
     data_out["held_out_errors"] = held_out
+    data_out["int8_baseline"] = _int8_baseline(ex)
     # how the verified uniform plans corrected the estimates: x prune's error, against factorization's
     data_out["error_correction"] = found.method_scale
     result = Result(status, plan, data_out, [], misses)
@@ -693,6 +699,19 @@ def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective
             result.files.append(paths["closest_plan"])
         _write_reports(paths, data_out, result.files)
     return result
+
+
+def _int8_baseline(ex: _Explored) -> dict | None:
+    """The report's row for what a user runs instead: the whole model under onnxruntime's dynamic
+    INT8, measured in this run; None (with a warning) where onnxruntime cannot quantize it."""
+    try:
+        return report.measured_row(ex, verify.int8_baseline_cached(ex))
+    except UserError:
+        raise
+    except Exception as exc:        # onnxruntime.quantization's own limits: the plan still stands
+        log.warning("no INT8 baseline: onnxruntime could not quantize or run the whole model (%s)",
+                    model_mod.first_line(exc))
+        return None
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeRemainingColumn)
 from rich.table import Table
 
-from . import __version__, api
+from . import __version__, api, report
 from .constraints import format_bytes, format_flops, format_seconds
 from .errors import UserError
 from .model import first_line, parse_input_shapes
@@ -243,7 +243,7 @@ def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
                               memory_budget=memory_budget, max_verifications=max_verifications,
                               calibration=calibration, cache_size=cache_size, jobs=jobs)
     if json_out:
-        summary = {k: result.report[k] for k in ("status", "baseline", "result", "stages", "plan", "misses")
+        summary = {k: result.report[k] for k in ("status", "baseline", "result", "int8_baseline", "stages", "plan", "misses")
                    if k in result.report}
         summary["files"] = [str(f) for f in result.files]
         print(json.dumps(summary, default=str))
@@ -265,6 +265,10 @@ def _print_result(result: api.Result) -> None:
     if c:
         table.add_row("chosen", f"{format_seconds(c['latency_s'])} ({c['speedup']:.2f}x)", f"{c['params']:,}",
                       format_bytes(c["bytes"]), format_flops(c["flops"]), f"{c['metric']:.2f}")
+    q = r.get("int8_baseline")
+    if q:
+        table.add_row(report.INT8_BASELINE, f"{format_seconds(q['latency_s'])} ({q['speedup']:.2f}x)", "",
+                      format_bytes(q["bytes"]), format_flops(q["flops"]), f"{q['metric']:.2f}")
     out.print(table)
     chosen = [row for row in r["candidates"] if row["chosen"]]
     layers = Table(title="per-layer choices")

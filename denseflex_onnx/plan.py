@@ -1,10 +1,13 @@
 """Plans: which method and config each layer gets; specs and plan.json (CLI.md)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .passes import PASSES
 
@@ -13,6 +16,9 @@ from .errors import UserError
 PLAN_FORMAT = "denseflex-plan/1"
 FACTORIZATIONS = ("plain", "scaled", "whitened")
 CALIBRATIONS = ("independent", "sequential")
+# the INT8 modifier of a spec (`svd:64+int8`, `dense+int8`) and how its layers are quantized
+INT8_SUFFIX = "+int8"
+INT8_MODES = ("dynamic",)
 
 
 @dataclass(frozen=True)
@@ -20,10 +26,17 @@ class Choice:
     method: str          # a key of passes.PASSES, or "dense"
     config: dict
     consumer: str | None = None   # a pair pass (prune): the pair's second layer, refitted with it
+    int8: bool = False            # weights quantized to INT8 after the rewrite (rewrite.quantize)
 
     @property
     def spec(self) -> str:
-        return "dense" if self.method == "dense" else PASSES[self.method].spec(self.config)
+        base = "dense" if self.method == "dense" else PASSES[self.method].spec(self.config)
+        return base + INT8_SUFFIX if self.int8 else base
+
+    @property
+    def changes(self) -> bool:
+        """Whether the layer differs from the original: a rewrite, INT8 weights, or both."""
+        return self.method != "dense" or self.int8
 
 
 DENSE = Choice("dense", {})
@@ -38,19 +51,32 @@ class Plan:
     # data-aware plans: each layer fitted on the original model's inputs, or stage by stage on
     # the inputs of the model rewritten so far (sequential.py)
     calibration: str = "independent"
+    int8: str = "dynamic"           # how the `+int8` layers are quantized (INT8_MODES)
 
     def to_json(self) -> dict:
-        return {"format": PLAN_FORMAT, "model_sha256": self.model_sha256,
-                "factorization": self.factorization, "calibration": self.calibration,
-                "layers": {name: {"method": c.method, "config": c.config,
-                                  **({"consumer": c.consumer} if c.consumer else {})}
-                           for name, c in sorted(self.layers.items()) if c.method != "dense"}}
+        out = {"format": PLAN_FORMAT, "model_sha256": self.model_sha256,
+               "factorization": self.factorization, "calibration": self.calibration,
+               "layers": {name: {"method": c.method, "config": c.config,
+                                 **({"consumer": c.consumer} if c.consumer else {}),
+                                 **({"int8": True} if c.int8 else {})}
+                          for name, c in sorted(self.rewritten().items())}}
+        if self.quantized():
+            out["int8"] = self.int8
+        return out
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json()["layers"], sort_keys=True).encode()).hexdigest()
 
     def rewritten(self) -> dict[str, Choice]:
+        """The layers the plan changes (a `dense+int8` layer too)."""
+        return {n: c for n, c in self.layers.items() if c.changes}
+
+    def factorized(self) -> dict[str, Choice]:
+        """The layers a pass rewrites (INT8 or not): what has factors to fit."""
         return {n: c for n, c in self.layers.items() if c.method != "dense"}
+
+    def quantized(self) -> dict[str, Choice]:
+        return {n: c for n, c in self.layers.items() if c.int8}
 
     def check_pairs(self) -> None:
         """A pruned pair rewrites two layers: neither may take another choice, nor be in a
@@ -73,6 +99,16 @@ def parse_spec(layer, text: str, pairs=None) -> Choice:
     """`svd:64`, `tt:0.25`, `conv_tt:16x32`, `prune:960`, `dense`... for this layer; UserError if
     it cannot take it. `pairs` (pairs.PairDiscovery) is where a pair pass finds the layer's pair."""
     text = text.strip()
+    if text.endswith(INT8_SUFFIX):
+        base = text[:-len(INT8_SUFFIX)]
+        if not base or base.endswith(INT8_SUFFIX):
+            raise UserError(f"{text!r}: {INT8_SUFFIX} follows one method spec, e.g. svd:64{INT8_SUFFIX} or dense{INT8_SUFFIX}")
+        choice = parse_spec(layer, base, pairs)
+        target = _target(PASSES[choice.method], layer, pairs) if choice.method != "dense" else layer
+        reason = int8_refusal(target)
+        if reason:
+            raise UserError(f"{text} cannot take layer {layer.name}: {reason}")
+        return dataclasses.replace(choice, int8=True)
     if text == "dense":
         return DENSE
     method, _, body = text.partition(":")
@@ -87,6 +123,15 @@ def parse_spec(layer, text: str, pairs=None) -> Choice:
         raise UserError(f"{method} cannot take layer {layer.name}: {reason}")
     consumer = target.consumer.name if target is not layer else None
     return Choice(method, module.parse_spec(target, body), consumer)
+
+
+def int8_refusal(layer) -> str | None:
+    """Why onnxruntime.quantization cannot give this layer (or pair) INT8 weights, or None."""
+    if layer.scope:
+        return "INT8 is applied in the main graph only, not inside If/Loop bodies"
+    if layer.dtype != np.float32:
+        return f"INT8 quantizes float32 weights, not {layer.dtype}"
+    return None
 
 
 def _target(module, layer, pairs):
@@ -125,6 +170,9 @@ def read_plan(path: str | Path, layers_by_name: dict, pairs=None) -> Plan:
     calibration = data.get("calibration", "independent")
     if calibration not in CALIBRATIONS:
         raise UserError(f"{path}: calibration {calibration!r} is not one of {', '.join(CALIBRATIONS)}")
+    int8 = data.get("int8", "dynamic")
+    if int8 not in INT8_MODES:
+        raise UserError(f"{path}: int8 {int8!r} is not one of {', '.join(INT8_MODES)}")
     unknown = sorted(set(data["layers"]) - set(layers_by_name))
     if unknown:
         raise UserError(f"{path}: names layers the model does not have: {', '.join(unknown[:5])}"
@@ -135,7 +183,12 @@ def read_plan(path: str | Path, layers_by_name: dict, pairs=None) -> Plan:
             method, config = entry["method"], entry.get("config", {})
         except (TypeError, KeyError):
             raise UserError(f"{path}: layer {name} needs a \"method\" and a \"config\"") from None
+        quantized = entry.get("int8", False)
+        if not isinstance(quantized, bool):
+            raise UserError(f"{path}: layer {name}: \"int8\" must be true or false, not {quantized!r}")
         if method == "dense":
+            if quantized:
+                choices[name] = parse_spec(layers_by_name[name], "dense" + INT8_SUFFIX, pairs)
             continue
         if method not in PASSES:
             raise UserError(f"{path}: layer {name}: unknown method {method!r}")
@@ -150,12 +203,12 @@ def read_plan(path: str | Path, layers_by_name: dict, pairs=None) -> Plan:
         spec = PASSES[method].spec(config) if _config_ok(method, config) else None
         if spec is None:
             raise UserError(f"{path}: layer {name}: malformed config {config!r} for {method}")
-        choices[name] = parse_spec(layers_by_name[name], spec, pairs)
+        choices[name] = parse_spec(layers_by_name[name], spec + (INT8_SUFFIX if quantized else ""), pairs)
         expected = entry.get("consumer")
         if expected is not None and expected != choices[name].consumer:
             raise UserError(f"{path}: layer {name}: the plan pairs it with {expected}, but in this model "
                             f"it pairs with {choices[name].consumer}")
-    return Plan(choices, factorization, data.get("model_sha256", ""), calibration=calibration)
+    return Plan(choices, factorization, data.get("model_sha256", ""), calibration=calibration, int8=int8)
 
 
 def _config_ok(method: str, config) -> bool:

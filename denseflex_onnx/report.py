@@ -103,6 +103,10 @@ def markdown(report: dict) -> str:
     if r:
         lines.append(f"| chosen | {format_seconds(r['latency_s'])} ({r['speedup']:.2f}x) | {format_bytes(r['bytes'])} | "
                      f"{format_flops(r['flops'])} | {r['metric']:.2f} |")
+    q = report.get("int8_baseline")
+    if q:
+        lines.append(f"| {INT8_BASELINE} | {format_seconds(q['latency_s'])} ({q['speedup']:.2f}x) | "
+                     f"{format_bytes(q['bytes'])} | {format_flops(q['flops'])} | {q['metric']:.2f} |")
     s = report["stages"]
     lines += ["", "## Design space", "",
               f"Grid {s['grid']} candidates; {s['after_saves_nothing']} after dropping those that save nothing; "
@@ -173,7 +177,11 @@ def pareto_png(path: Path, report: dict) -> None:
     if r:
         left.scatter(r["latency_s"] * 1e3, r["metric"], s=20 + 300 * r["params"] / peak, facecolors="none",
                      edgecolors="red", linewidths=2, label="chosen")
-        left.legend()
+    q = report.get("int8_baseline")
+    if q:
+        left.scatter(q["latency_s"] * 1e3, q["metric"], s=60, marker="x", color="tab:orange", label=INT8_BASELINE)
+    if r or q:
+        left.legend(fontsize=8)
     left.set_xlabel("latency (ms)")
     left.set_ylabel(report["metric"])
     left.set_title("end to end (marker size = params)")
@@ -251,6 +259,17 @@ def explore_report(ex: "_Explored", path, status, chosen: dict, verified: "searc
                          "speedup": verified.speedup, "bytes": verified.bytes, "flops": verified.flops,
                          "params": params, "metric": verified.metric, "metric_drop": b.metric - verified.metric}
     return out
+
+
+# the baseline row every optimize report shows beside the original and the chosen plan
+INT8_BASELINE = "INT8 (whole model, dynamic)"
+
+
+def measured_row(ex: "_Explored", v: "search.Verified") -> dict:
+    """A measured model's figures (api: the whole-model INT8 baseline), latency on the baseline's
+    scale through its A/B ratio."""
+    return {"latency_s": ex.baseline.latency * v.latency / v.baseline_latency, "speedup": v.speedup,
+            "bytes": v.bytes, "flops": v.flops, "metric": v.metric, "metric_drop": ex.baseline.metric - v.metric}
 
 
 def step_row(ex: "_Explored", step) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ from .passes.chain import conv_geometry
 
 from . import __version__
 from .layers import Layer
+from .errors import UserError
 from .plan import Choice, Plan
 from . import model as model_io
 from .model import PROTOBUF_LIMIT, without_big_data
@@ -32,14 +34,18 @@ def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
     # back after it (those still read), so memory holds the model about twice, not four times
     big = model.ByteSize() >= PROTOBUF_LIMIT
     graph = gs.import_onnx(without_big_data(model, stubs=False) if big else model)
+    to_quantize: list[gs.Node] = []
     for name, choice in sorted(plan.rewritten().items()):
         layer = layers[name]
-        module = PASSES[choice.method]
-        layer_factors = (factors or {}).get(name)
-        if layer_factors is None:
-            # a pair pass fits its consumer: the statistics it needs are the consumer's inputs
-            layer_factors = module.factorize(layer, choice.config, (stats or {}).get(choice.consumer or name))
-        module.rewrite(_body(graph, layer.scope), layer, layer_factors)
+        if choice.method != "dense":
+            module = PASSES[choice.method]
+            layer_factors = (factors or {}).get(name)
+            if layer_factors is None:
+                # a pair pass fits its consumer: the statistics it needs are the consumer's inputs
+                layer_factors = module.factorize(layer, choice.config, (stats or {}).get(choice.consumer or name))
+            module.rewrite(_body(graph, layer.scope), layer, layer_factors)
+        if choice.int8:
+            to_quantize += weight_nodes(_body(graph, layer.scope), layer)
     graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort()
     exported = gs.export_onnx(graph, do_type_check=False)
 
@@ -53,7 +59,7 @@ def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
     _keep_interface(model.graph, out.graph)
     out.ir_version = min(model.ir_version, max_ir_version())
     _set_metadata(out, {"denseflex_onnx.version": __version__, "denseflex_onnx.plan_sha256": plan.sha256()})
-    return out
+    return quantize(out, to_quantize, model.graph) if to_quantize else out
 
 
 def _body(graph: gs.Graph, scope: tuple) -> gs.Graph:
@@ -119,8 +125,69 @@ def one_layer_model(layer: Layer, choice: Choice, factors: list[np.ndarray] | No
     graph = onnx.helper.make_graph(nodes, layer.name, [x], [y], inits)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     model.ir_version = min(model.ir_version, max_ir_version())
-    if choice.method == "dense":
+    if not choice.changes:
         return model
     local = dataclasses.replace(layer, input="x", output="y", node_outputs=tuple(n.output[0] for n in nodes), scope=())
     plan = Plan({layer.name: choice})
     return rewrite_model(model, {layer.name: local}, plan, {layer.name: factors} if factors else None)
+
+
+# ------------------------------------------------------------------------------------- INT8
+
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def weight_nodes(graph: gs.Graph, layer) -> list[gs.Node]:
+    """The nodes that hold a layer's (a pair's: both layers') weights once it is rewritten: its
+    chain's MatMul/Gemm/Conv (named `<layer>/<method>/...`, passes/chain.py), or the original
+    node when it is kept dense. A node without a name gets one: quantization selects by name."""
+    found = []
+    for part in (layer.producer, layer.consumer) if hasattr(layer, "consumer") else (layer,):
+        prefix = f"{part.name}/"
+        for node in graph.nodes:
+            if node.op not in WEIGHT_OPS or not node.outputs:
+                continue
+            if node.name.startswith(prefix) or node.outputs[0].name in part.node_outputs:
+                if not node.name:
+                    node.name = f"{part.name}/{node.op}"
+                found.append(node)
+    return found
+
+
+def quantize(model: onnx.ModelProto, nodes: list[gs.Node], original: onnx.GraphProto) -> onnx.ModelProto:
+    """`model` with these nodes' weights in INT8 (dynamic QInt8: MatMulInteger / ConvInteger, the
+    activations quantized at run time); only these nodes, so an INT8 layer can sit beside float
+    ones. Raises UserError if onnxruntime.quantization leaves one of them float."""
+    # quantize_dynamic first turns every Gemm into MatMul + Add, the MatMul named <gemm>_MatMul
+    names = [n.name for n in nodes] + [f"{n.name}_MatMul" for n in nodes if n.op == "Gemm"]
+    out = quantize_dynamic(model, names)
+    left = sorted(n.name for n in out.graph.node if n.name in names and n.op_type in WEIGHT_OPS)
+    if left:
+        raise UserError(f"onnxruntime.quantization left {', '.join(left[:3])} in float: keep "
+                        f"{'these layers' if len(left) > 1 else 'this layer'} without +int8")
+    _keep_interface(original, out.graph)
+    return out
+
+
+def quantize_dynamic(model: onnx.ModelProto, nodes: list[str] | None = None) -> onnx.ModelProto:
+    """onnxruntime.quantization.quantize_dynamic (QInt8 weights, its defaults otherwise) of these
+    nodes, or of every node it takes (None): what a user runs as "INT8" instead of this tool."""
+    import logging
+    import tempfile
+    from onnxruntime import quantization
+
+    big = model.ByteSize() >= PROTOBUF_LIMIT
+    root = logging.getLogger()      # it advises pre-processing through the root logger, on every call
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="denseflex-int8-") as tmp:
+            src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+            onnx.save(model, src, save_as_external_data=big, location="float.onnx.data")
+            quantization.quantize_dynamic(src, dst, weight_type=quantization.QuantType.QInt8,
+                                          nodes_to_quantize=nodes, use_external_data_format=big)
+            out = onnx.load(dst)
+    finally:
+        root.setLevel(level)
+    out.ir_version = min(out.ir_version, model.ir_version)
+    return out

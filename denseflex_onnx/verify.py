@@ -19,7 +19,7 @@ from . import calibrate, data as data_mod, metrics, model as model_mod, profile,
 from . import sequential, space as space_mod
 from .errors import about_layer
 from .plan import Plan
-from .rewrite import rewrite_model
+from .rewrite import quantize_dynamic, rewrite_model
 from .runtime import create_session
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def rewrite(prep: _Prepared, factors: space_mod.Factors, plan: Plan, calib=None,
     if plan.calibration == "sequential" and plan.factorization != "plain" and calib is not None:
         return rewrite_sequential(prep, factors, plan, calib, threads)
     layers, factor_map = dict(prep.layers), {}
-    for name, choice in plan.rewritten().items():
+    for name, choice in plan.factorized().items():
         with about_layer(name):
             if choice.consumer:         # a pair pass fits the pair on its consumer's input statistics
                 layers[name] = prep.pairs.pair(name)
@@ -113,7 +113,7 @@ def rewrite_sequential(prep: _Prepared, factors: space_mod.Factors, plan: Plan, 
     """sequential.py: stage by stage, each layer (a pair: its consumer) anchored to the original
     output on the inputs of the model rewritten so far, then fitted by its pass as usual. A
     layer without full statistics, or not anchorable, is fitted independently."""
-    rewritten = plan.rewritten()
+    rewritten = plan.factorized()        # fitted stage by stage in float; INT8 is applied to the whole
     units = {n: (prep.layers[n].input, prep.layers[c.consumer or n].output) for n, c in rewritten.items()}
     layers, factor_map, done = dict(prep.layers), {}, {}
     for i, stage in enumerate(sequential.stages(sequential.depths(prep.loaded.proto.graph, units))):
@@ -121,7 +121,9 @@ def rewrite_sequential(prep: _Prepared, factors: space_mod.Factors, plan: Plan, 
         fitted = [prep.layers[rewritten[n].consumer or n] for n in stage]
         fitted = [l for l in fitted if sequential.can_anchor(l) and getattr(factors.stats.get(l.name), "kind", "") == "full"]
         if i > 0 and fitted:
-            partial = rewrite_model(prep.loaded.proto, layers, Plan(dict(done), plan.factorization), factor_map)
+            partial = rewrite_model(prep.loaded.proto, layers,
+                                    Plan({n: dataclasses.replace(c, int8=False) for n, c in done.items()},
+                                         plan.factorization), factor_map)
             residuals = {l.name: r for l in fitted if (r := sequential.residual(prep.loaded.proto.graph, l))}
             anchors = calibrate.collect_anchored(prep.loaded, partial, fitted, calib, threads=threads,
                                                  residuals=residuals)
@@ -178,6 +180,28 @@ def fitted_from(ex: _Explored, choices: dict) -> dict:
 def verify(ex: _Explored, choices: dict) -> search.Verified:
     """Build the whole model; time it A/B interleaved with the original; score it on held-out data."""
     plan, new = build(ex, choices)
+    # FLOPs are exact from the choices; their latencies are not needed (a uniform plan's may be untimed)
+    return measure(ex, new, ex.baseline.flops + sum(ex.space.delta(c, "flops") for c in choices.values()))
+
+
+def int8_baseline_cached(ex: _Explored) -> search.Verified:
+    """What a user gets instead of this tool: onnxruntime's quantize_dynamic of the whole model,
+    measured as a plan is (or read from an earlier run on the same inputs)."""
+    what = {**measured_on(ex.provider, ex.threads, ex.timing), "metric": ex.metric, "output": ex.output,
+            "evaluation": ex.evaluation.samples, "quantization": "dynamic QInt8"}
+    stored = ex.results.get("int8 baseline", what) if ex.results else None
+    if stored is not None:
+        with contextlib.suppress(TypeError):
+            return search.Verified(**stored)
+    measured = measure(ex, quantize_dynamic(ex.prep.loaded.proto), ex.baseline.flops)
+    if ex.results:
+        ex.results.put("int8 baseline", what, dataclasses.asdict(measured))
+    return measured
+
+
+def measure(ex: _Explored, new: onnx.ModelProto, flops: int) -> search.Verified:
+    """A model timed A/B interleaved with the original on the run's provider, and scored on the
+    evaluation samples (CPU)."""
     original = ex.original()
     candidate = create_session(new, ex.provider, ex.threads, ex.engine_cache)
     a, b = [], []
@@ -187,6 +211,4 @@ def verify(ex: _Explored, choices: dict) -> search.Verified:
     scoring = candidate if ex.provider == "CPUExecutionProvider" else create_session(new, "CPUExecutionProvider", ex.threads)
     result = metrics.outputs(scoring, ex.evaluation, ex.prep.loaded, ex.output)
     value = metrics.score(ex.metric, result, ex.reference, ex.evaluation.labels)
-    # FLOPs are exact from the choices; their latencies are not needed (a uniform plan's may be untimed)
-    flops = ex.baseline.flops + sum(ex.space.delta(c, "flops") for c in choices.values())
     return search.Verified(float(np.median(b)), float(np.median(a)), value, model_mod.weight_bytes(new), int(flops))
