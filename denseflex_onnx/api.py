@@ -20,7 +20,7 @@ import onnx
 
 from . import sensitivity as sens
 from . import calibrate, data as data_mod, layers as layers_mod, metrics, model as model_mod, profile, report, search, space as space_mod
-from . import loading, pairs as pairs_mod, results as results_mod, verify
+from . import int8 as int8_mod, loading, pairs as pairs_mod, results as results_mod, verify
 from .constraints import Constraints, METRICS, format_bytes, parse_memory_budget
 from .errors import UserError
 from .passes import PASSES
@@ -410,8 +410,9 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
              threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
              layer_specs, exclude, input_shapes, progress: Progress, methods=None, exhaustive=False,
              timing: profile.Budget | None = None, memory_budget=None, calibration=None,
-             cache_size=None, jobs=None) -> _Explored:
+             cache_size=None, jobs=None, int8=None) -> _Explored:
     started = time.monotonic()
+    int8 = _int8_mode(int8)
     constraints = Constraints.parse(latency, memory, flops, max_accuracy_drop, objective)
     provider = resolve_provider(provider)
     jobs = default_jobs() if jobs is None else jobs
@@ -457,6 +458,11 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
         errors = {c.spec: c.error for c in cands if not c.is_dense and not math.isnan(c.error)}
         if errors and any(known[name].get(k) != v for k, v in errors.items()):
             results.put("errors", {"layer": name}, {**known[name], **errors})
+    if int8 != "off":
+        quantizable = [l for n, l in prep.layers.items() if n not in kept_dense and (n not in forced or forced[n].int8)]
+        with progress.task("INT8 error of each layer", None) as advance:
+            int8_mod.add_variants(space, _int8_errors(prep, quantizable, calib, mode, threads, results))
+            advance()
 
     engine_cache = (Path(cache_dir) if cache_dir else profile.default_cache_dir()).parent / "trt-engines" \
         if provider == "TensorrtExecutionProvider" else None
@@ -517,6 +523,24 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     if results.folder is not None:      # timings and results together, least recently used first
         results_mod.trim(results.folder.parent, cache_limit)
     return ex
+
+
+def _int8_mode(requested: str | None) -> str:
+    mode = "dynamic" if requested is None else requested
+    if mode not in int8_mod.MODES:
+        raise UserError(f"--int8 {requested}: use one of {', '.join(int8_mod.MODES)} (--no-int8 = off)")
+    return mode
+
+
+def _int8_errors(prep: _Prepared, layers: list, calib, mode: str, threads: int, results) -> dict[str, float]:
+    """int8.layer_errors, or what an earlier run with these inputs measured."""
+    what = {"layers": sorted(l.name for l in layers), "mode": mode, "samples": min(int8_mod.SAMPLES, calib.samples)}
+    stored = results.get("int8 errors", what)
+    if isinstance(stored, dict):
+        return stored
+    errors = int8_mod.layer_errors(prep.loaded, layers, calib, mode, threads)
+    results.put("int8 errors", what, errors)
+    return errors
 
 
 def default_jobs() -> int:
@@ -580,7 +604,7 @@ def explore(path, prefix, *, latency=None, memory=None, flops=None, max_accuracy
             sensitivity=None, time_budget=None, cache_dir=None, no_cache=False, seed=0, layer_specs=None,
             exclude=None, input_shapes=None, force=False, progress: Progress | None = None,
             timing: profile.Budget | None = None, memory_budget=None, calibration=None, cache_size=None,
-            jobs=None) -> Result:
+            jobs=None, int8=None) -> Result:
     """Space, measure and the MILP's choice (estimated, not verified); writes `prefix`.report.* only.
 
     Example: explore("model.onnx", "space", flops="-50%")     # space.report.json, .csv, .md, .pareto.png
@@ -630,7 +654,7 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
              force=False, progress: Progress | None = None, exhaustive: bool = False,
              timing: profile.Budget | None = None, memory_budget=None, calibration=None,
              max_verifications: int | None = None, methods: list[str] | None = None, cache_size=None,
-             jobs=None) -> Result:
+             jobs=None, int8=None) -> Result:
     """Find the plan that meets the constraints; with `out`, write the model, plan and reports.
     `methods` limits the passes searched (e.g. ["svd"]; default all, pairs' prune included).
 
@@ -643,7 +667,7 @@ def optimize(path, out=None, *, latency=None, memory=None, flops=None, max_accur
 def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
               threads, factorization, calib_samples, sensitivity, time_budget, cache_dir, no_cache, seed,
               layer_specs, exclude, input_shapes, top_k, force, progress, exhaustive, timing,
-              memory_budget, calibration, max_verifications, methods, cache_size, jobs) -> Result:
+              memory_budget, calibration, max_verifications, methods, cache_size, jobs, int8) -> Result:
     path = Path(path)
     _check_counts(top_k=top_k)
     paths = report.output_paths(Path(out)) if out is not None else None
@@ -658,7 +682,7 @@ def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective
                   seed=seed, layer_specs=layer_specs, exclude=exclude, input_shapes=input_shapes,
                   progress=progress or Progress(), exhaustive=exhaustive, timing=timing,
                   memory_budget=memory_budget, calibration=calibration, methods=methods, cache_size=cache_size,
-                  jobs=jobs)
+                  jobs=jobs, int8=int8)
     limits = search.Limits.resolve(ex.constraints, ex.baseline)
     _check_counts(max_verifications=max_verifications)
     most = search.MAX_VERIFICATIONS if max_verifications is None else max_verifications

@@ -39,6 +39,15 @@ BudgetOpt = typer.Option(None, "--memory-budget", help="memory the calibration s
                          "(default: half of the memory available)")
 CalibrationOpt = typer.Option(None, "--calibration", help="independent|sequential: fit each layer on the original "
                               "model's inputs (default), or stage by stage on the rewritten model's")
+Int8Opt = typer.Option(None, "--int8", help="off|dynamic: every candidate may also take INT8 weights "
+                       "(onnxruntime's dynamic quantization, timed like the rest; default dynamic)")
+NoInt8Opt = typer.Option(False, "--no-int8", help="the same as --int8 off: a float-only design space")
+
+
+def _int8_option(int8: str | None, no_int8: bool) -> str | None:
+    if no_int8 and int8 not in (None, "off"):
+        raise UserError(f"--no-int8 and --int8 {int8} contradict each other: give one")
+    return "off" if no_int8 else int8
 
 
 class RichProgress(api.Progress):
@@ -226,6 +235,7 @@ def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
                                                    help="plans of the search built and measured end to end "
                                                         "(the uniform baselines come on top)"),
              calibration: Optional[str] = CalibrationOpt,
+             int8: Optional[str] = Int8Opt, no_int8: bool = NoInt8Opt,
              force: bool = ForceOpt,
              memory_budget: Optional[str] = BudgetOpt,
              json_out: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
@@ -241,7 +251,8 @@ def optimize(model: Path = typer.Argument(..., help="the .onnx file"),
                               layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape),
                               top_k=top_k, force=force, progress=RichProgress(not quiet and not json_out),
                               memory_budget=memory_budget, max_verifications=max_verifications,
-                              calibration=calibration, cache_size=cache_size, jobs=jobs)
+                              calibration=calibration, cache_size=cache_size, jobs=jobs,
+                              int8=_int8_option(int8, no_int8))
     if json_out:
         summary = {k: result.report[k] for k in ("status", "baseline", "result", "int8_baseline", "stages", "plan", "misses")
                    if k in result.report}
@@ -302,6 +313,7 @@ def explore(model: Path = typer.Argument(..., help="the .onnx file"),
             exclude: Optional[List[str]] = typer.Option(None, "--exclude"),
             input_shape: Optional[List[str]] = ShapeOpt, memory_budget: Optional[str] = BudgetOpt,
             calibration: Optional[str] = CalibrationOpt,
+            int8: Optional[str] = Int8Opt, no_int8: bool = NoInt8Opt,
             force: bool = ForceOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Explore the design space and write reports (PREFIX.report.json/.csv/.md, PREFIX.pareto.png); no model."""
     _setup(quiet)
@@ -313,7 +325,7 @@ def explore(model: Path = typer.Argument(..., help="the .onnx file"),
                              time_budget=time_budget, cache_dir=cache_dir, no_cache=no_cache, seed=seed,
                              layer_specs=layer, exclude=exclude, input_shapes=parse_input_shapes(input_shape),
                              memory_budget=memory_budget, calibration=calibration, cache_size=cache_size,
-                             jobs=jobs)
+                             jobs=jobs, int8=_int8_option(int8, no_int8))
     if not quiet:
         s = result.report["stages"]
         out.print(f"design space: {s['grid']} -> {s['after_saves_nothing']} -> {s['after_dominated']} -> "

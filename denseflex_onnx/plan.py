@@ -105,7 +105,7 @@ def parse_spec(layer, text: str, pairs=None) -> Choice:
             raise UserError(f"{text!r}: {INT8_SUFFIX} follows one method spec, e.g. svd:64{INT8_SUFFIX} or dense{INT8_SUFFIX}")
         choice = parse_spec(layer, base, pairs)
         target = _target(PASSES[choice.method], layer, pairs) if choice.method != "dense" else layer
-        reason = int8_refusal(target)
+        reason = int8_refusal(target, choice.method)
         if reason:
             raise UserError(f"{text} cannot take layer {layer.name}: {reason}")
         return dataclasses.replace(choice, int8=True)
@@ -125,13 +125,21 @@ def parse_spec(layer, text: str, pairs=None) -> Choice:
     return Choice(method, module.parse_spec(target, body), consumer)
 
 
-def int8_refusal(layer) -> str | None:
-    """Why onnxruntime.quantization cannot give this layer (or pair) INT8 weights, or None."""
+def int8_refusal(layer, method: str = "dense") -> str | None:
+    """Why onnxruntime.quantization cannot give this layer (or pair), rewritten by `method`,
+    INT8 weights, or None. Its dynamic quantizer takes a MatMul's weight on the right only."""
     if layer.scope:
         return "INT8 is applied in the main graph only, not inside If/Loop bodies"
     if layer.dtype != np.float32:
         return f"INT8 quantizes float32 weights, not {layer.dtype}"
-    return None
+    if getattr(layer, "side", "right") == "left":
+        return "its weight multiplies from the left, which onnxruntime's dynamic quantization leaves in float"
+    return UNQUANTIZABLE.get(method)
+
+
+# methods whose rewrite onnxruntime's dynamic quantizer leaves (partly) in float
+UNQUANTIZABLE = {"tt": "a TT chain multiplies its cores from the left, which onnxruntime's dynamic "
+                       "quantization leaves in float"}
 
 
 def _target(module, layer, pairs):

@@ -6,6 +6,7 @@ the layer's signature, the config, provider, threads, onnxruntime version and CP
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -221,7 +222,8 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
     def take(cand, counted: bool = True) -> bool:
         """Time `cand` (or read it); False if it is left without a latency."""
         if cand.covers:
-            units = [(part, DENSE) for part in pairs[cand.layer].layers_at(cand.choice.config["keep"])]
+            part_choice = dataclasses.replace(DENSE, int8=cand.choice.int8)
+            units = [(part, part_choice) for part in pairs[cand.layer].layers_at(cand.choice.config["keep"])]
         else:
             units = [(layers[cand.layer], cand.choice)]
         total = []
@@ -248,7 +250,7 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
     else:
         groups: dict[tuple, list] = {}
         for cand in alive:
-            groups.setdefault((cand.layer, cand.choice.method), []).append(cand)
+            groups.setdefault((cand.layer, cand.choice.method, cand.choice.int8), []).append(cand)
         for group in groups.values():
             group.sort(key=lambda c: (c.flops, c.params))
             for i in sorted({round(k * (len(group) - 1) / max(ANCHORS - 1, 1)) for k in range(ANCHORS)}):
@@ -300,7 +302,7 @@ def _measure(layer, choice, cand, factors, measured: dict, cache: Cache, stats: 
     it failed or time ran out (counted in `stats`, reported through `warn`)."""
     from .rewrite import one_layer_model
     dense = choice.method == "dense"
-    spec = "dense" if dense else choice.spec
+    spec = choice.spec
     what = {"signature": repr(layer.signature()), "spec": spec, "opset": opset}
     key = (what["signature"], spec)
     if key in measured:

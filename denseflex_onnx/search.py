@@ -98,7 +98,7 @@ class SearchResult:
 def estimate(space: Space, choices: dict[str, Candidate], baseline: Baseline, itemsize: dict[str, int]) -> Estimate:
     """The model's figures predicted from the choices' deltas against dense (Space.delta)."""
     lat = baseline.latency + sum(space.delta(c, "latency") for c in choices.values())
-    mem = baseline.bytes + sum(space.delta(c, "params") * itemsize[n] for n, c in choices.items())
+    mem = baseline.bytes + sum(space.delta(c, "weight_size") * itemsize[n] for n, c in choices.items())
     flops = baseline.flops + sum(space.delta(c, "flops") for c in choices.values())
     return Estimate(lat, mem, flops, sum(space.weighted_error(c) for c in choices.values()))
 
@@ -133,7 +133,7 @@ def _solve_once(space: Space, baseline: Baseline, limits: Limits, objective: str
     if not cands:
         return {}
     lat = np.array([space.delta(c, "latency") for _, c in cands])
-    mem = np.array([space.delta(c, "params") * itemsize[n] for n, c in cands], dtype=float)
+    mem = np.array([space.delta(c, "weight_size") * itemsize[n] for n, c in cands], dtype=float)
     flops = np.array([space.delta(c, "flops") for _, c in cands], dtype=float)
     err = np.array([space.weighted_error(c) for _, c in cands])
     params = np.array([c.params for _, c in cands], dtype=float)
@@ -253,7 +253,27 @@ def uniform_plans(space: Space, sizes: dict[str, dict[str, int]], baseline: Base
                    ((e.latency, limits.latency), (e.bytes, limits.bytes), (e.flops, limits.flops))):
                 out.append(Uniform(f"{key} {fraction:g} everywhere", choices))
                 break
+    int8 = _uniform_int8(space)
+    if int8:        # INT8 alone, as this space holds it: timed like every candidate, not scaled by FLOPs
+        e = estimate(space, int8, baseline, itemsize)
+        if all(limit is None or value <= limit for value, limit in
+               ((e.latency, limits.latency), (e.bytes, limits.bytes), (e.flops, limits.flops))):
+            out.append(Uniform(UNIFORM_INT8, int8))
     return out
+
+
+UNIFORM_INT8 = "dense+int8 everywhere"
+
+
+def _uniform_int8(space: Space) -> dict[str, Candidate]:
+    """Every layer that has a timed `dense+int8` variant takes it; the rest stay as they are."""
+    picked = {n: c for n, cands in space.candidates.items() for c in cands
+              if c.spec == "dense+int8" and c.dropped not in (NOT_TIMED, TIMING_FAILED) and c.latency is not None
+              and not c.latency_bound}
+    if not picked:
+        return {}
+    base = {n: space.dense(n) if not space.dense(n).dropped else space.alive(n)[0] for n in space.candidates}
+    return {**base, **picked}
 
 
 def _uniform(space: Space, sizes: dict[str, dict[str, int]], key: str, methods: tuple,
@@ -268,7 +288,8 @@ def _uniform(space: Space, sizes: dict[str, dict[str, int]], key: str, methods: 
             continue
         target = fraction * size
         # one the time budget left untimed, or whose timing failed, is not offered: the user asked to stop
-        near = [c for c in space.candidates[name] if c.choice.method in methods and not math.isnan(c.error)
+        near = [c for c in space.candidates[name] if c.choice.method in methods and not c.choice.int8
+                and not math.isnan(c.error)
                 and c.dropped not in (NOT_TIMED, TIMING_FAILED) and _saves(space, c)
                 and abs(c.choice.config[key] - target) <= size / 16
                 and not set(c.covers) & (taken | set(picked)) and not any(space.dense(m).dropped for m in c.covers)]
@@ -534,7 +555,7 @@ def pareto_keys(constraints: Constraints) -> tuple[str, ...]:
     """What stage 3 compares: latency and error, plus params/FLOPs when a limit or the objective uses them."""
     keys = ["latency", "error"]
     if constraints.memory is not None or constraints.objective == "memory":
-        keys.append("params")
+        keys.append("weight_size")
     if constraints.flops is not None or constraints.objective == "flops":
         keys.append("flops")
     return tuple(keys)

@@ -32,7 +32,8 @@ TARGET_ERRORS = (0.15,)
 
 def probes(space: Space, name: str) -> list[Candidate]:
     """The layer's candidates nearest (in log scale) to each target error, without repeats."""
-    cands = [c for c in space.alive(name) if not c.is_dense and not c.covers and c.error > 0]
+    # INT8 variants are not probed: their error is the float candidate's and int8.py's measured one
+    cands = [c for c in space.alive(name) if not c.is_dense and not c.covers and c.error > 0 and not c.choice.int8]
     picked: list[Candidate] = []
     for target in TARGET_ERRORS:
         if cands:

@@ -57,7 +57,14 @@ class Candidate:
 
     @property
     def is_dense(self) -> bool:
-        return self.choice.method == "dense"
+        """The layer as it is (`dense+int8` is not: its weights change)."""
+        return not self.choice.changes
+
+    @property
+    def weight_size(self) -> float:
+        """Its weights in float32 parameters' worth of bytes: an INT8 weight takes a quarter
+        (int8.py offers INT8 only for float32 layers)."""
+        return self.params / 4 if self.choice.int8 else self.params
 
 
 @dataclass
@@ -95,7 +102,7 @@ class Space:
         """What choosing `cand` changes in the model's `key` (latency, params, flops): its value
         less the dense layers it replaces."""
         replaced = sum(getattr(self.dense(name), key) for name in (cand.layer, *cand.covers))
-        extra = cand.between_params if key == "params" else 0
+        extra = cand.between_params if key in ("params", "weight_size") else 0
         return getattr(cand, key) - replaced - extra
 
     def couplings(self) -> dict[str, str]:
@@ -496,7 +503,7 @@ def _in_parallel(work, items: list, jobs: int, memory: int | None, cost):
 def _forced_candidates(layer: Layer, choice: Choice, factors: Factors, pair) -> list[Candidate]:
     """The dense reference (dropped unless dense is what is forced) and the forced choice."""
     dense = Candidate(layer.name, DENSE, layer.params, layer.flops, error=0.0)
-    if choice.method == "dense":
+    if not choice.changes:
         return [dense]
     dense.dropped = FORCED
     if choice.consumer:

@@ -50,7 +50,8 @@ def held_out_errors(ex: _Explored, choices: dict) -> dict[str, float]:
     for independent calibration, and layers whose X^T X is small enough to keep whole."""
     if ex.calibration != "independent":
         return {}
-    rewritten = {n: c for n, c in choices.items() if not c.is_dense}
+    # factorized or pruned layers: a `dense+int8` one changes no float weight (int8.py measures its error)
+    rewritten = {n: c for n, c in choices.items() if c.choice.method != "dense"}
     targets = {n: ex.prep.layers[c.choice.consumer or n] for n, c in rewritten.items()}
     measured = [l for l in {t.name: t for t in targets.values()}.values()
                 if not l.scope and l.matrix_shape[0] <= calibrate.FULL_GRAM_MAX_INPUTS]

@@ -220,3 +220,103 @@ def test_optimize_reports_whole_model_int8_measured_in_the_same_run(tmp_path):
     assert q["speedup"] > 0 and q["latency_s"] == pytest.approx(report["baseline"]["latency_s"] / q["speedup"], rel=1e-6)
     assert "| INT8 (whole model, dynamic) |" in out.with_suffix(".report.md").read_text()
     assert "INT8 (whole" in r.stdout
+
+
+# ------------------------------------------------------------------ the INT8 axis of the space
+
+def simulated_int8(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w as dynamic QInt8 computes it, in numpy: the input scaled by its own range to uint8
+    (zero point for 0), the weight symmetrically to int8 [-127, 127], an integer product."""
+    lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+    scale = (hi - lo) / 255
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    xq = np.clip(np.round(x / scale) + zero, 0, 255)
+    w_scale = np.abs(w).max() / 127
+    return scale * w_scale * ((xq - zero) @ np.clip(np.round(w / w_scale), -127, 127))
+
+
+@pytest.mark.parametrize("mode", ["plain", "whitened"])
+def test_layer_quantization_error_matches_numpy(tmp_path, mode):
+    from denseflex_onnx import int8 as int8_mod
+    from denseflex_onnx.data import Dataset
+    path = graphs.save(graphs.matmul(k=32, n=24, bias=True, seed=3), tmp_path / "m.onnx")
+    loaded = load(path, {"X": (1, 32)})
+    layer = find_layers(loaded).layers[0]
+    x = (graphs.rng(0).standard_normal((40, 32)) + 0.5).astype(np.float32)
+    errors = int8_mod.layer_errors(loaded, [layer], Dataset({"X": x}, {}, None), mode)
+    w, b = layer.weight.astype(np.float64), layer.bias.astype(np.float64)
+    rows = x.astype(np.float64)
+    y = rows @ w + b
+    yq = np.concatenate([simulated_int8(rows[i:i + 1], w) + b for i in range(len(rows))])   # batch 1, as profiled
+    reference = y - y.mean(axis=0) if mode == "whitened" else y
+    assert errors[layer.name] == pytest.approx(np.linalg.norm(yq - y) / np.linalg.norm(reference), rel=1e-4)
+
+
+def explored(tmp_path, name, **options):
+    report = denseflex_onnx.explore(MLP, tmp_path / name, data=MLP_DATA, flops="-50%", input_shapes={"x": (1, 784)},
+                                    cache_dir=tmp_path / "cache", sensitivity=False, **options).report
+    return {(r["layer"], r["spec"]): r for r in report["candidates"]}, report
+
+
+def test_no_int8_is_the_float_space_and_int8_adds_a_twin_of_each_survivor(tmp_path):
+    off, off_report = explored(tmp_path, "off", int8="off")
+    on, on_report = explored(tmp_path, "on")
+    assert not any("+int8" in spec for _, spec in off)
+    floats = {k: r for k, r in on.items() if not k[1].endswith("+int8")}
+    assert set(floats) == set(off)
+    assert all(floats[k]["error"] == off[k]["error"] and floats[k]["params"] == off[k]["params"] for k in off)
+    twins = {k: r for k, r in on.items() if k[1].endswith("+int8")}
+    # what pruning before timing kept, of the layers that pay off (not the head, nor the pair into
+    # it), TT aside (its chains multiply their cores from the left, which onnxruntime's dynamic
+    # quantization leaves in float)
+    survivors = [k for k, r in off.items() if r["dropped"] in (None, "dominated after timing")
+                 and "/6/Gemm" not in (k[0], *r["covers"]) and r["method"] != "tt"]
+    assert len(survivors) > 10 and all((layer, spec + "+int8") in twins for layer, spec in survivors)
+    assert not any(r["method"] == "tt" for r in twins.values())
+    # the head holds 0.2% of the model: kept dense before anything, and kept float
+    assert ("/6/Gemm", "dense+int8") not in twins
+    for (layer, spec), twin in twins.items():
+        base = floats[(layer, spec[:-len("+int8")])]
+        # a pair quantizes both its layers: their errors add as energies
+        q = np.hypot.reduce([twins[(part, "dense+int8")]["error"] for part in (layer, *twin["covers"])])
+        assert twin["params"] == base["params"] and twin["flops"] == base["flops"]
+        assert twin["error"] == pytest.approx(np.hypot(base["error"], q), rel=1e-5, abs=1e-6)
+    grid = lambda r: r["stages"]["grid"]
+    assert grid(on_report) == grid(off_report) + len(twins)
+
+
+def test_forced_and_excluded_layers_keep_what_the_user_said(tmp_path):
+    on, _ = explored(tmp_path, "forced", layer_specs=["/0/Gemm=svd:32"], exclude=["/2/Gemm"])
+    assert not any(layer in ("/0/Gemm", "/2/Gemm") and spec.endswith("+int8") for layer, spec in on)
+    forced, _ = explored(tmp_path, "forced8", layer_specs=["/0/Gemm=svd:32+int8"])
+    alive = [spec for (layer, spec), r in forced.items() if layer == "/0/Gemm" and r["dropped"] is None]
+    assert alive == ["svd:32+int8"]
+
+
+def test_optimize_plan_with_int8_reapplies_byte_for_byte(tmp_path):
+    out = tmp_path / "m.onnx"
+    result = denseflex_onnx.optimize(MLP, out, data=MLP_DATA, latency="-50%", input_shapes={"x": (1, 784)},
+                                     cache_dir=tmp_path / "cache", layer_specs=["/4/Gemm=dense+int8"],
+                                     sensitivity=False)
+    written = out if result.feasible else tmp_path / "m.closest.onnx"
+    plan = written.with_name(written.name.replace(".onnx", ".plan.json"))
+    assert json.loads(plan.read_text())["layers"]["/4/Gemm"] == {"method": "dense", "config": {}, "int8": True}
+    again = tmp_path / "again.onnx"
+    denseflex_onnx.apply(MLP, again, plan_path=plan, data=MLP_DATA, input_shapes={"x": (1, 784)})
+    assert again.read_bytes() == written.read_bytes()
+    assert "MatMulInteger" in ops(onnx.load(again))
+
+
+def test_an_already_quantized_model_is_reported_not_quantized_again(tmp_path):
+    quantized = tmp_path / "int8.onnx"
+    onnx.save(by_hand(onnx.load(MLP), None, tmp_path), quantized)
+    r = cli("optimize", quantized, "--latency", "-30%", "-o", tmp_path / "o.onnx", "--input-shape", "x:1x784")
+    assert r.returncode == 2 and "nothing to factorize (quantized op)" in r.stderr
+    assert not list(tmp_path.glob("o.*"))
+
+
+def test_int8_option_errors(tmp_path):
+    r = cli("optimize", MLP, "--latency", "-30%", "--int8", "static", "-o", tmp_path / "o.onnx")
+    assert r.returncode == 2 and "--int8 static: use one of off, dynamic" in r.stderr
+    r = cli("optimize", MLP, "--latency", "-30%", "--int8", "dynamic", "--no-int8", "-o", tmp_path / "o.onnx")
+    assert r.returncode == 2 and "contradict" in r.stderr
