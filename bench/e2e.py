@@ -209,16 +209,17 @@ def plan_text(layers: dict, total_layers: int) -> str:
         return ", ".join(f"{n} {s}" for n, s in specs.items())
     methods: dict[str, int] = {}
     for s in specs.values():
-        methods[s.split(":")[0]] = methods.get(s.split(":")[0], 0) + 1
+        kind = s.split(":")[0] + ("+int8" if ":" in s and s.endswith("+int8") else "")
+        methods[kind] = methods.get(kind, 0) + 1
     return f"{len(specs)} of {total_layers} layers: " + ", ".join(f"{m} x{c}" for m, c in sorted(methods.items()))
 
 
 def _spec(entry: dict) -> str:
     """A plan.json entry as its method spec (svd:64, prune:960, tt and conv_tt by their bond ranks)."""
-    c = entry["config"]
+    c, suffix = entry["config"], "+int8" if entry.get("int8") else ""
     if entry["method"] in ("tt", "conv_tt"):
-        return f"{entry['method']}:" + "x".join(str(r) for r in c["ranks"])
-    return Choice(entry["method"], c).spec
+        return f"{entry['method']}:" + "x".join(str(r) for r in c["ranks"]) + suffix
+    return Choice(entry["method"], c, int8=bool(suffix)).spec
 
 
 def heldout_layer_error(key: str, plan: dict, mode: str) -> float:

@@ -241,11 +241,11 @@ def spec(entry: dict | None) -> str:
     """A plan.json entry as its spec (svd:64, prune:960; tt by its bond ranks)."""
     if entry is None:
         return "dense"
-    c = entry["config"]
+    c, suffix = entry["config"], "+int8" if entry.get("int8") else ""
     if "ranks" in c:
-        return f"{entry['method']}:" + "x".join(str(r) for r in c["ranks"])
+        return f"{entry['method']}:" + "x".join(str(r) for r in c["ranks"]) + suffix
     key = next(iter(c), None)
-    return f"{entry['method']}:{c[key]}" if key else entry["method"]
+    return (f"{entry['method']}:{c[key]}" if key else entry["method"]) + suffix
 
 
 def render(b: Bench, elapsed: float, load: tuple) -> tuple[str, list[dict]]:

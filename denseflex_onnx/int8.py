@@ -43,14 +43,21 @@ SAMPLES = 64
 def layer_errors(model: LoadedModel, layers: list[Layer], data: Dataset, mode: str,
                  threads: int = 1) -> dict[str, float]:
     """Each layer's relative output error with INT8 weights and inputs (see the module's text),
-    by name; a layer onnxruntime cannot quantize, or whose inputs do not split into profiling
-    batches, is left out (it gets no INT8 variant)."""
+    by name; a layer onnxruntime cannot quantize (in the model as it is: int8_left_float), or
+    whose inputs do not split into profiling batches, is left out (it gets no INT8 variant)."""
     import onnx
-    from .rewrite import one_layer_model
+    from .rewrite import int8_left_float, one_layer_model
 
     layers = [l for l in layers if int8_refusal(l) is None]
     if not layers or data.samples == 0:
         return {}
+    left = set(int8_left_float(model.proto, {l.name: l for l in layers}))
+    if left:
+        log.info("no INT8 variant for %d layer(s) onnxruntime's quantizer leaves in float: %s", len(left),
+                 ", ".join(sorted(left)[:5]))
+        layers = [l for l in layers if l.name not in left]
+        if not layers:
+            return {}
     tapped = onnx.ModelProto()
     tapped.CopyFrom(model.proto)
     present = {o.name for o in tapped.graph.output}

@@ -158,7 +158,8 @@ def _correction_line(scale: dict[str, float]) -> str:
 
 
 def pareto_png(path: Path, report: dict) -> None:
-    """Left: verified plans, latency vs metric, marker size = params. Right: every timed candidate,
+    """Left: verified plans, latency vs metric, marker size = params, those with INT8 layers in
+    their own colour, beside the original and whole-model INT8. Right: every timed candidate,
     latency relative to its dense layer vs layer error."""
     import matplotlib
     matplotlib.use("Agg")
@@ -168,11 +169,15 @@ def pareto_png(path: Path, report: dict) -> None:
     b = report["baseline"]
     points = [(b["latency_s"] * 1e3, b["metric"], b["params"], "original")]
     for v in report.get("verifications", []):
-        points.append((v["latency_s"] * 1e3, v["metric"], v["params"], "plan"))
+        mixed = any(spec.endswith("+int8") for spec in v.get("plan", {}).values())
+        points.append((v["latency_s"] * 1e3, v["metric"], v["params"], "plan with INT8 layers" if mixed else "float plan"))
     peak = max(p[2] for p in points) or 1
-    for lat, metric, params, kind in points:
-        left.scatter(lat, metric, s=20 + 300 * params / peak, alpha=0.6,
-                     color="black" if kind == "original" else "tab:blue")
+    colours = {"original": "black", "float plan": "tab:blue", "plan with INT8 layers": "tab:green"}
+    for kind, colour in colours.items():
+        mine = [p for p in points if p[3] == kind]
+        if mine:
+            left.scatter([p[0] for p in mine], [p[1] for p in mine], s=[20 + 300 * p[2] / peak for p in mine],
+                         alpha=0.6, color=colour, label=kind)
     r = report.get("result")
     if r:
         left.scatter(r["latency_s"] * 1e3, r["metric"], s=20 + 300 * r["params"] / peak, facecolors="none",
@@ -180,18 +185,18 @@ def pareto_png(path: Path, report: dict) -> None:
     q = report.get("int8_baseline")
     if q:
         left.scatter(q["latency_s"] * 1e3, q["metric"], s=60, marker="x", color="tab:orange", label=INT8_BASELINE)
-    if r or q:
-        left.legend(fontsize=8)
+    left.legend(fontsize=8)
     left.set_xlabel("latency (ms)")
     left.set_ylabel(report["metric"])
     left.set_title("end to end (marker size = params)")
-    dense = {row["layer"]: row["latency_ms"] for row in report["candidates"] if row["method"] == "dense"}
-    for method in sorted({row["method"] for row in report["candidates"]} - {"dense"}):
-        xs = [row["error"] for row in report["candidates"] if row["method"] == method and row["latency_ms"] is not None
-              and row["error"] is not None and dense.get(row["layer"])]
-        ys = [row["latency_ms"] / dense[row["layer"]] for row in report["candidates"] if row["method"] == method
-              and row["latency_ms"] is not None and row["error"] is not None and dense.get(row["layer"])]
-        right.scatter(xs, ys, s=10, alpha=0.6, label=method)
+    dense = {row["layer"]: row["latency_ms"] for row in report["candidates"] if row["spec"] == "dense"}
+    kind = lambda row: row["method"] + ("+int8" if row["spec"].endswith("+int8") else "")     # noqa: E731
+    timed = [row for row in report["candidates"] if row["latency_ms"] is not None and row["error"] is not None
+             and dense.get(row["layer"]) and row["spec"] != "dense"]
+    for method in sorted({kind(row) for row in timed}):
+        mine = [row for row in timed if kind(row) == method]
+        right.scatter([row["error"] for row in mine], [row["latency_ms"] / dense[row["layer"]] for row in mine],
+                      s=10, alpha=0.6, label=method)
     chosen = [row for row in report["candidates"] if row["chosen"] and row["latency_ms"] is not None
               and dense.get(row["layer"])]
     right.scatter([row["error"] or 0 for row in chosen], [row["latency_ms"] / dense[row["layer"]] for row in chosen],

@@ -41,10 +41,13 @@ def run(model, feeds: dict) -> np.ndarray:
     return session.run(None, feeds)[0]
 
 
-def by_hand(model: onnx.ModelProto, nodes: list[str], tmp_path: Path) -> onnx.ModelProto:
+def by_hand(model: onnx.ModelProto, nodes: list[str] | None, tmp_path: Path, per_channel=True) -> onnx.ModelProto:
+    """quantize_dynamic as a user calls it: of these nodes, per channel as the tool quantizes
+    layers; of every node (None), per tensor, its default, for the whole-model baseline."""
     src, dst = tmp_path / "hand.float.onnx", tmp_path / "hand.int8.onnx"
     onnx.save(model, src)
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, nodes_to_quantize=nodes)
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                     per_channel=per_channel and nodes is not None)
     return onnx.load(dst)
 
 
@@ -226,12 +229,12 @@ def test_optimize_reports_whole_model_int8_measured_in_the_same_run(tmp_path):
 
 def simulated_int8(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x @ w as dynamic QInt8 computes it, in numpy: the input scaled by its own range to uint8
-    (zero point for 0), the weight symmetrically to int8 [-127, 127], an integer product."""
+    (zero point for 0), each weight column symmetrically to int8 [-127, 127], an integer product."""
     lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
     scale = (hi - lo) / 255
     zero = np.clip(np.round(-lo / scale), 0, 255)
     xq = np.clip(np.round(x / scale) + zero, 0, 255)
-    w_scale = np.abs(w).max() / 127
+    w_scale = np.abs(w).max(axis=0, keepdims=True) / 127
     return scale * w_scale * ((xq - zero) @ np.clip(np.round(w / w_scale), -127, 127))
 
 
@@ -320,3 +323,25 @@ def test_int8_option_errors(tmp_path):
     assert r.returncode == 2 and "--int8 static: use one of off, dynamic" in r.stderr
     r = cli("optimize", MLP, "--latency", "-30%", "--int8", "dynamic", "--no-int8", "-o", tmp_path / "o.onnx")
     assert r.returncode == 2 and "contradict" in r.stderr
+
+
+def test_a_weight_onnxruntime_does_not_quantize_gets_no_twin_and_a_clear_error(tmp_path):
+    """A weight fed by a Constant node (as Paddle exports write them): the tool finds the layer,
+    but quantize_dynamic reads stored initializers only. It gets no INT8 variant, and asking for
+    one says which layer and what to do."""
+    from denseflex_onnx import int8 as int8_mod
+    from denseflex_onnx.data import Dataset
+    from denseflex_onnx.rewrite import int8_left_float
+    path = graphs.save(graphs.matmul(k=32, n=24, weight_via="Constant"), tmp_path / "c.onnx")
+    loaded = load(path, {"X": (1, 32)})
+    layers = {l.name: l for l in find_layers(loaded).layers}
+    assert list(layers) and int8_left_float(loaded.proto, layers) == list(layers)
+    x = graphs.rng(0).standard_normal((8, 32)).astype(np.float32)
+    assert int8_mod.layer_errors(loaded, list(layers.values()), Dataset({"X": x}, {}, None), "plain") == {}
+    # the same weight as an initializer is quantized
+    plain = graphs.save(graphs.matmul(k=32, n=24), tmp_path / "i.onnx")
+    loaded_plain = load(plain, {"X": (1, 32)})
+    assert int8_left_float(loaded_plain.proto, {l.name: l for l in find_layers(loaded_plain).layers}) == []
+    r = cli("apply", path, "--all", "dense+int8", "-o", tmp_path / "o.onnx", "--input-shape", "X:1x32")
+    assert r.returncode == 2 and "leaves mm in float" in r.stderr and "without +int8" in r.stderr
+    assert not (tmp_path / "o.onnx").exists()

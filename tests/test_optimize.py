@@ -112,7 +112,8 @@ def test_model_guided_timing_times_what_the_solver_picks_and_bounds_the_rest(tmp
     lazy = denseflex_onnx.optimize(MLP, **options)
     rows = lazy.report["candidates"]
     bounded = [r for r in rows if r["latency_bound_ms"] is not None]
-    assert bounded and all(r["latency_ms"] is None and r["dropped"] is None for r in bounded)
+    # a bound may be dominated (by what was timed: the latency it bounds is no lower), never dominate
+    assert bounded and all(r["latency_ms"] is None and r["dropped"] in (None, "dominated after timing") for r in bounded)
     s = lazy.report["stages"]
     assert s["never_timed_share"] > 1 - s["after_dominated"] / s["grid"]   # more than pruning before timing
     by_key = {(r["layer"], r["spec"]): r for r in rows}
@@ -232,8 +233,8 @@ def test_time_budget_stops_timing_and_chooses_among_the_timed(small_mlp, tmp_pat
     s = result.report["stages"]
     assert s["not_timed_budget"] > 0
     rows = result.report["candidates"]
-    assert all(r["latency_ms"] is not None for r in rows if r["method"] == "dense")
-    assert {r["dropped"] for r in rows if r["method"] != "dense" and r["latency_ms"] is None} <= {
+    assert all(r["latency_ms"] is not None for r in rows if r["spec"] == "dense")
+    assert {r["dropped"] for r in rows if r["spec"] != "dense" and r["latency_ms"] is None} <= {
         "not timed (time budget)", "saves nothing", "dominated"}
     assert result.plan.to_json()["layers"] == {}
 

@@ -492,7 +492,8 @@ def test_optimize_searches_pairs_with_the_consumers_output_error(ffn_files, tmp_
     result = api.optimize(path, out, flops="-30%", max_accuracy_drop=5, data=data, calib_samples=200,
                           input_shapes={"X": (1, 6, 16)},
                           cache_dir=tmp_path / "c", timing=Budget(warmup=1, min_runs=3, max_runs=20, max_seconds=0.05))
-    rows = [r for r in result.report["candidates"] if r["method"] == "prune"]
+    # the float candidates (an INT8 twin's error adds the layers' quantization error: test_int8.py)
+    rows = [r for r in result.report["candidates"] if r["method"] == "prune" and not r["spec"].endswith("+int8")]
     assert rows and all(r["layer"] == "up" for r in rows)
     alive = [r for r in rows if r["dropped"] is None]
     # timed, or (model-guided timing) given a lower bound that was never needed
