@@ -19,9 +19,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# (module, seconds): 90 minutes on 2 cores in all, with room for start-up (search: 300 s for the MLP,
+# (module, seconds): 110 minutes on 2 cores in all, with room for start-up (search: 300 s for the MLP,
 # the CNN and MiniLM, the rest for the BERT-base-shaped scale curve)
-BENCHES = [("layers", 300.0), ("e2e", 1200.0), ("search", 1800.0), ("zoo", 600.0), ("transformers", 1500.0)]
+BENCHES = [("layers", 300.0), ("e2e", 1200.0), ("search", 1800.0), ("zoo", 600.0), ("transformers", 1500.0),
+           ("int8", 1200.0)]
 
 
 def header(command: str, started: datetime.datetime, elapsed: float) -> str:
@@ -99,7 +100,7 @@ def targets(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", nargs="*", help="run only these benchmarks (layers, e2e, search, zoo, transformers)")
+    parser.add_argument("--only", nargs="*", help="run only these benchmarks (layers, e2e, search, zoo, transformers, int8)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every time budget (0.2 for a quick look)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
