@@ -698,6 +698,7 @@ def _optimize(path, out, *, latency, memory, flops, max_accuracy_drop, objective
     data_out = report.explore_report(ex, path, status, found.choices, found.verified, misses, found.steps, plan)
     data_out["held_out_errors"] = held_out
     data_out["int8_baseline"] = _int8_baseline(ex)
+    data_out["frontier"] = search.frontier(ex.space, ex.baseline, found, ex.itemsize, memo=ex.results)
     # how the verified uniform plans corrected the estimates: x prune's error, against factorization's
     data_out["error_correction"] = found.method_scale
     result = Result(status, plan, data_out, [], misses)

@@ -185,6 +185,10 @@ def pareto_png(path: Path, report: dict) -> None:
     q = report.get("int8_baseline")
     if q:
         left.scatter(q["latency_s"] * 1e3, q["metric"], s=60, marker="x", color="tab:orange", label=INT8_BASELINE)
+    line = sorted(report.get("frontier") or [], key=lambda p: p["latency_s"])
+    if line:
+        left.plot([p["latency_s"] * 1e3 for p in line], [p["metric"] for p in line], color="gray", lw=1,
+                  ls="--", label="estimated frontier (solver over error budgets)")
     left.legend(fontsize=8)
     left.set_xlabel("latency (ms)")
     left.set_ylabel(report["metric"])

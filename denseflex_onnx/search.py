@@ -551,6 +551,36 @@ def _miss_score(m: dict[str, tuple[float, float]]) -> float:
     return sum(reached / limit - 1 if limit > 0 else reached for reached, limit in m.values())
 
 
+FRONTIER_POINTS = 10
+
+
+def frontier(space: Space, baseline: Baseline, found: SearchResult, itemsize: dict[str, int],
+             memo=None) -> list[dict]:
+    """The estimated latency-metric frontier (report.pareto_png's line): the fastest plan the
+    solver finds at each of FRONTIER_POINTS error budgets, no other limit, nothing timed for it
+    (an untimed candidate counts at its latency bound), its metric drop read off the verified
+    plans (one slope through the origin: measured drop per unit of summed error). Empty without
+    a verified plan to read that slope from."""
+    steps = [s for s in found.steps if s.verified is not None and s.estimate is not None and s.estimate.error > 0]
+    errors = np.array([s.estimate.error for s in steps])
+    drops = np.array([baseline.metric - s.verified.metric for s in steps])
+    if not len(steps) or errors @ errors == 0:
+        return []
+    slope = max(float(errors @ drops / (errors @ errors)), 0.0)
+    untimed = dataclasses.replace(space, timer=None, method_scale=found.method_scale)
+    worst = sum(max((untimed.weighted_error(c) for c in untimed.alive(n)), default=0.0) for n in untimed.candidates)
+    out = []
+    for budget in np.geomspace(max(worst, 1e-12) * 1e-3, max(worst, 1e-12), FRONTIER_POINTS):
+        choices = solve(untimed, baseline, Limits(None, None, None, math.inf), "latency", float(budget), itemsize,
+                        memo=memo)
+        if choices:
+            e = estimate(untimed, choices, baseline, itemsize)
+            out.append({"error_budget": float(budget), "latency_s": e.latency, "estimated_error": e.error,
+                        "metric": baseline.metric - slope * e.error,
+                        "int8": any(c.choice.int8 for c in choices.values())})
+    return out
+
+
 def pareto_keys(constraints: Constraints) -> tuple[str, ...]:
     """What stage 3 compares: latency and error, plus params/FLOPs when a limit or the objective uses them."""
     keys = ["latency", "error"]

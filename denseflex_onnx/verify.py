@@ -114,7 +114,7 @@ def rewrite_sequential(prep: _Prepared, factors: space_mod.Factors, plan: Plan, 
     """sequential.py: stage by stage, each layer (a pair: its consumer) anchored to the original
     output on the inputs of the model rewritten so far, then fitted by its pass as usual. A
     layer without full statistics, or not anchorable, is fitted independently."""
-    rewritten = plan.factorized()        # fitted stage by stage in float; INT8 is applied to the whole
+    rewritten = plan.factorized()        # fitted in float; the +int8 layers are quantized in the end
     units = {n: (prep.layers[n].input, prep.layers[c.consumer or n].output) for n, c in rewritten.items()}
     layers, factor_map, done = dict(prep.layers), {}, {}
     for i, stage in enumerate(sequential.stages(sequential.depths(prep.loaded.proto.graph, units))):

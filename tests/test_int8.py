@@ -223,6 +223,12 @@ def test_optimize_reports_whole_model_int8_measured_in_the_same_run(tmp_path):
     assert q["speedup"] > 0 and q["latency_s"] == pytest.approx(report["baseline"]["latency_s"] / q["speedup"], rel=1e-6)
     assert "| INT8 (whole model, dynamic) |" in out.with_suffix(".report.md").read_text()
     assert "INT8 (whole" in r.stdout
+    # the estimated frontier the Pareto plot draws: more error budget, never slower, never more accurate
+    line = report["frontier"]
+    assert len(line) >= 3
+    assert all(a["latency_s"] >= b["latency_s"] - 1e-12 and a["metric"] >= b["metric"] - 1e-9
+               for a, b in zip(line, line[1:]))
+    assert all(p["estimated_error"] <= p["error_budget"] * (1 + 1e-6) for p in line)
 
 
 # ------------------------------------------------------------------ the INT8 axis of the space
