@@ -257,7 +257,7 @@ def apply(path, out, **options) -> dict:
 
 def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=None, force=False,
           input_shapes=None, calib_samples: int = 128, seed: int = 0, memory_budget=None,
-          factorization=None, calibration=None) -> dict:
+          factorization=None, calibration=None, int8=None) -> dict:
     path, out = Path(path), Path(out)
     if plan_path is not None and (layer_specs or all_spec):
         raise UserError("--plan takes no --layer or --all: edit the plan, or use --all/--layer alone")
@@ -280,11 +280,20 @@ def _apply(path, out, *, plan_path=None, layer_specs=None, all_spec=None, data=N
         if calibration is not None and calibration != plan.calibration:
             raise UserError(f"{plan_path} is a {plan.calibration}ly calibrated plan: --calibration {calibration} "
                             f"would not give the model it describes; drop the flag")
+        if int8 is not None and plan.quantized() and int8 != plan.int8:
+            raise UserError(f"{plan_path} quantizes its +int8 layers {plan.int8}: --int8 {int8} would not give the "
+                            f"model it describes; drop the flag")
     else:       # --all for every layer it fits, then --layer overrides (`--layer head=dense`)
         plan, notes = _plan_for_all(prep, all_spec) if all_spec else (Plan({}, "plain"), [])
         plan.layers.update(_forced(prep, layer_specs, None))
         plan.factorization = _factorization(factorization, data)     # whitened with --data, as optimize
         plan.calibration = _calibration(calibration, plan.factorization)
+        plan.int8 = _int8_mode(int8, data) if int8 is not None else "dynamic"
+        if plan.int8 == "off":
+            raise UserError("apply --int8 takes dynamic or static: a layer is INT8 when its spec ends in +int8")
+    if plan.int8 == "static" and plan.quantized() and data is None:
+        raise UserError("the plan's +int8 layers are static INT8, whose activation ranges are calibrated on data: "
+                        "give --data")
     plan.model_sha256 = prep.loaded.sha256
     if not plan.rewritten():
         raise UserError("the plan rewrites no layer: nothing to do")
@@ -404,6 +413,7 @@ class _Explored:
     memory_budget: int = 0
     calibration: str = "independent"
     results: results_mod.Results | None = None       # what an earlier run with these inputs computed
+    int8: str = "dynamic"                             # how +int8 candidates are quantized (static: QDQ)
 
 
 def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metric, output, data, provider,
@@ -412,7 +422,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
              timing: profile.Budget | None = None, memory_budget=None, calibration=None,
              cache_size=None, jobs=None, int8=None) -> _Explored:
     started = time.monotonic()
-    int8 = _int8_mode(int8)
+    int8 = _int8_mode(int8, data)
     constraints = Constraints.parse(latency, memory, flops, max_accuracy_drop, objective)
     provider = resolve_provider(provider)
     jobs = default_jobs() if jobs is None else jobs
@@ -461,7 +471,7 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     if int8 != "off":
         quantizable = [l for n, l in prep.layers.items() if n not in kept_dense and (n not in forced or forced[n].int8)]
         with progress.task("INT8 error of each layer", None) as advance:
-            int8_mod.add_variants(space, _int8_errors(prep, quantizable, calib, mode, threads, results))
+            int8_mod.add_variants(space, _int8_errors(prep, quantizable, calib, mode, threads, results, int8))
             advance()
 
     engine_cache = (Path(cache_dir) if cache_dir else profile.default_cache_dir()).parent / "trt-engines" \
@@ -495,12 +505,14 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
                                          opset=max(prep.loaded.opset, 13), engine_cache=engine_cache,
                                          on_candidate=lambda _: advance(), warn=log.warning,
                                          keys=search.pareto_keys(constraints), prune=not exhaustive,
-                                         pairs={p.name: p for p in prep.pairs.pairs}, lazy=not exhaustive)
+                                         pairs={p.name: p for p in prep.pairs.pairs}, lazy=not exhaustive,
+                                         int8=int8 if int8 != "off" else "dynamic")
     itemsize = {n: l.dtype.itemsize for n, l in prep.layers.items()}
     ex = _Explored(prep, constraints, provider, threads, mode, metric, output, calib, evaluation, factors,
                    space, baseline, inputs, reference, measured, itemsize, engine_cache, timing or profile.Budget(),
                    session, kept_dense=kept_dense, memory_budget=budget_bytes, calibration=calibration,
-                   statistics={n: r.to_json() for n, r in representations.items()}, results=results)
+                   statistics={n: r.to_json() for n, r in representations.items()}, results=results,
+                   int8=int8 if int8 != "off" else "dynamic")
     if sensitivity is None:     # on by default where the errors are fitted to data
         sensitivity = mode != "plain" and data is not None
     if sensitivity:
@@ -525,20 +537,23 @@ def _explore(path, *, latency, memory, flops, max_accuracy_drop, objective, metr
     return ex
 
 
-def _int8_mode(requested: str | None) -> str:
+def _int8_mode(requested: str | None, data) -> str:
     mode = "dynamic" if requested is None else requested
     if mode not in int8_mod.MODES:
         raise UserError(f"--int8 {requested}: use one of {', '.join(int8_mod.MODES)} (--no-int8 = off)")
+    if mode == "static" and data is None:
+        raise UserError("--int8 static calibrates activation ranges on data: give --data, or use --int8 dynamic")
     return mode
 
 
-def _int8_errors(prep: _Prepared, layers: list, calib, mode: str, threads: int, results) -> dict[str, float]:
+def _int8_errors(prep: _Prepared, layers: list, calib, mode: str, threads: int, results, int8: str) -> dict[str, float]:
     """int8.layer_errors, or what an earlier run with these inputs measured."""
-    what = {"layers": sorted(l.name for l in layers), "mode": mode, "samples": min(int8_mod.SAMPLES, calib.samples)}
+    what = {"layers": sorted(l.name for l in layers), "mode": mode, "samples": min(int8_mod.SAMPLES, calib.samples),
+            **({"int8": int8} if int8 != "dynamic" else {})}
     stored = results.get("int8 errors", what)
     if isinstance(stored, dict):
         return stored
-    errors = int8_mod.layer_errors(prep.loaded, layers, calib, mode, threads)
+    errors = int8_mod.layer_errors(prep.loaded, layers, calib, mode, threads, int8)
     results.put("int8 errors", what, errors)
     return errors
 
@@ -624,7 +639,7 @@ def _explore_reports(path, prefix, *, force=False, progress: Progress | None = N
     choices = search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize,
                            memo=ex.results) or {}
     plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256,
-                calibration=ex.calibration)
+                calibration=ex.calibration, int8=ex.int8)
     data = report.explore_report(ex, path, "explored" if choices else "infeasible", choices, None, [], [], plan)
     if choices:
         e = search.estimate(ex.space, choices, ex.baseline, ex.itemsize)

@@ -39,8 +39,9 @@ BudgetOpt = typer.Option(None, "--memory-budget", help="memory the calibration s
                          "(default: half of the memory available)")
 CalibrationOpt = typer.Option(None, "--calibration", help="independent|sequential: fit each layer on the original "
                               "model's inputs (default), or stage by stage on the rewritten model's")
-Int8Opt = typer.Option(None, "--int8", help="off|dynamic: every candidate may also take INT8 weights "
-                       "(onnxruntime's dynamic quantization, timed like the rest; default dynamic)")
+Int8Opt = typer.Option(None, "--int8", help="off|dynamic|static: every candidate may also take INT8 weights "
+                       "(onnxruntime's quantization, timed like the rest; default dynamic; static: QDQ "
+                       "calibrated on --data)")
 NoInt8Opt = typer.Option(False, "--no-int8", help="the same as --int8 off: a float-only design space")
 
 
@@ -174,14 +175,17 @@ def apply(model: Path = typer.Argument(..., help="the .onnx file"),
           factorization: Optional[str] = typer.Option(None, help="plain|scaled|whitened (default whitened "
                                                       "with --data)"),
           calibration: Optional[str] = CalibrationOpt,
+          int8: Optional[str] = typer.Option(None, "--int8", help="dynamic|static: how the layers whose spec ends "
+                                             "in +int8 are quantized (default dynamic; static calibrates on --data)"),
           memory_budget: Optional[str] = BudgetOpt,
           force: bool = ForceOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
-    """Rewrite layers by a plan or by method specs (svd:64, tt:0.25, conv_svd:0.5, conv_tt:16x32, dense)."""
+    """Rewrite layers by a plan or by method specs (svd:64, tt:0.25, conv_svd:0.5, conv_tt:16x32, dense, +int8)."""
     _setup(quiet)
     with _user_errors(debug):
         summary = api.apply(model, output, plan_path=plan, layer_specs=layer or None, all_spec=all_spec,
                             data=data, force=force, input_shapes=parse_input_shapes(input_shape),
-                            memory_budget=memory_budget, factorization=factorization, calibration=calibration)
+                            memory_budget=memory_budget, factorization=factorization, calibration=calibration,
+                            int8=int8)
     if quiet:
         return
     table = Table(title=f"{output}")

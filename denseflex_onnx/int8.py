@@ -1,7 +1,8 @@
 """Stage 3, space (its INT8 axis): every candidate may also be taken with INT8 weights.
 
-onnxruntime.quantization does the quantizing (rewrite.quantize: dynamic QInt8 weights, the
-activations quantized at run time, only the chosen layers' nodes). Here the space gets, beside
+onnxruntime.quantization does the quantizing (rewrite.quantize, only the chosen layers' nodes:
+dynamic QInt8 weights per channel with activations quantized at run time, or static QDQ with
+activation ranges calibrated on the data). Here the space gets, beside
 each candidate that survived pruning, its `+int8` variant: the same params (a quarter of the
 bytes: Candidate.weight_size) and FLOPs, timed like any candidate (a one-layer model with its
 quantize nodes), so an INT8 op that is slower than float on this machine (ConvInteger on many
@@ -35,16 +36,17 @@ from .space import Space
 
 log = logging.getLogger("denseflex_onnx")
 
-MODES = ("off", "dynamic")
+MODES = ("off", "dynamic", "static")
 # calibration samples the quantization errors are measured on (the sensitivity probes' count)
 SAMPLES = 64
 
 
 def layer_errors(model: LoadedModel, layers: list[Layer], data: Dataset, mode: str,
-                 threads: int = 1) -> dict[str, float]:
+                 threads: int = 1, int8: str = "dynamic") -> dict[str, float]:
     """Each layer's relative output error with INT8 weights and inputs (see the module's text),
     by name; a layer onnxruntime cannot quantize (in the model as it is: int8_left_float), or
-    whose inputs do not split into profiling batches, is left out (it gets no INT8 variant)."""
+    whose inputs do not split into profiling batches, is left out (it gets no INT8 variant).
+    `int8` static: the layer's activation range is calibrated on the inputs it is scored on."""
     import onnx
     from .rewrite import int8_left_float, one_layer_model
 
@@ -76,9 +78,11 @@ def layer_errors(model: LoadedModel, layers: list[Layer], data: Dataset, mode: s
                 skipped.add(layer.name)
                 continue
             if layer.name not in models:
+                pieces = [np.ascontiguousarray(x[i:i + batch]) for i in range(0, x.shape[0], batch)]
                 try:
                     models[layer.name] = tuple(
-                        create_session(one_layer_model(layer, choice, None), "CPUExecutionProvider", threads)
+                        create_session(one_layer_model(layer, choice, None, int8=int8, samples=pieces),
+                                       "CPUExecutionProvider", threads)
                         for choice in (DENSE, dataclasses.replace(DENSE, int8=True)))
                 except Exception as exc:       # onnxruntime.quantization's limits: that layer stays float
                     log.info("%s: no INT8 variant (%s)", layer.name, exc)

@@ -18,7 +18,7 @@ FACTORIZATIONS = ("plain", "scaled", "whitened")
 CALIBRATIONS = ("independent", "sequential")
 # the INT8 modifier of a spec (`svd:64+int8`, `dense+int8`) and how its layers are quantized
 INT8_SUFFIX = "+int8"
-INT8_MODES = ("dynamic",)
+INT8_MODES = ("dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Plan:
     # data-aware plans: each layer fitted on the original model's inputs, or stage by stage on
     # the inputs of the model rewritten so far (sequential.py)
     calibration: str = "independent"
-    int8: str = "dynamic"           # how the `+int8` layers are quantized (INT8_MODES)
+    int8: str = "dynamic"           # how the `+int8` layers are quantized (INT8_MODES; static needs data)
 
     def to_json(self) -> dict:
         out = {"format": PLAN_FORMAT, "model_sha256": self.model_sha256,

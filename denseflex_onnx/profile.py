@@ -195,13 +195,15 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
                   budget: Budget = Budget(), deadline: float | None = None, opset: int = 17,
                   engine_cache: Path | None = None, on_candidate=None, warn=None,
                   keys: tuple[str, ...] = ("latency", "params", "flops", "error"), prune: bool = True,
-                  pairs: dict | None = None, lazy: bool = False) -> MeasureStats:
+                  pairs: dict | None = None, lazy: bool = False, int8: str = "dynamic") -> MeasureStats:
     """Times every surviving candidate (`lazy`: only the anchors, see ANCHORS); layers alike
     (same signature) are timed once, and a timing in the cache is read, not measured again.
 
     A pair candidate (prune, `pairs` by producer) is timed as its two layers at the channels
     kept, each alone like a dense layer: its latency is their sum, against the sum of the two
     dense layers (the elementwise ops between, which pruning also shrinks, are not counted).
+
+    `int8`: how `+int8` candidates are quantized (rewrite.quantize), part of their cache key.
 
     `lazy`: a candidate other than the anchors gets `latency` = a lower bound of it and
     `latency_bound` = True; `space.timer` times such candidates (or reads them from the cache)
@@ -229,7 +231,7 @@ def measure_space(space, layers: dict, factors, cache: Cache, provider: str, thr
         total = []
         for layer, choice in units:
             total.append(_measure(layer, choice, cand, factors, measured, cache, stats, provider, threads,
-                                  budget, deadline, opset, engine_cache, warn))
+                                  budget, deadline, opset, engine_cache, warn, int8))
             if total[-1] is None:
                 break
         if total[-1] is None:
@@ -297,13 +299,16 @@ def _bound(cands: list, anchors: list) -> None:
 
 
 def _measure(layer, choice, cand, factors, measured: dict, cache: Cache, stats: MeasureStats, provider: str,
-             threads: int, budget: Budget, deadline, opset: int, engine_cache, warn) -> Timing | None:
+             threads: int, budget: Budget, deadline, opset: int, engine_cache, warn, int8: str = "dynamic"
+             ) -> Timing | None:
     """One one-layer model's timing, from this run's memo, the cache, or measured now; None when
     it failed or time ran out (counted in `stats`, reported through `warn`)."""
     from .rewrite import one_layer_model
     dense = choice.method == "dense"
     spec = choice.spec
     what = {"signature": repr(layer.signature()), "spec": spec, "opset": opset}
+    if choice.int8 and int8 != "dynamic":       # dynamic keys stay as the first INT8 timings were stored
+        what["int8"] = int8
     key = (what["signature"], spec)
     if key in measured:
         return measured[key]
@@ -316,7 +321,7 @@ def _measure(layer, choice, cand, factors, measured: dict, cache: Cache, stats: 
     else:
         try:
             chosen = None if dense else factors.factors(layer, choice)
-            model = one_layer_model(layer, choice, chosen, opset)
+            model = one_layer_model(layer, choice, chosen, opset, int8=int8)
             session = create_session(model, provider, threads, engine_cache)
             timing = time_session(session, random_inputs(session, {"x": layer.activation_shape}), provider, budget)
             cache.put(what, timing)

@@ -21,7 +21,8 @@ from .runtime import max_ir_version
 
 
 def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
-                  factors: dict[str, list[np.ndarray]] | None = None, stats=None) -> onnx.ModelProto:
+                  factors: dict[str, list[np.ndarray]] | None = None, stats=None,
+                  samples: list[dict] | None = None) -> onnx.ModelProto:
     """A new model with each planned layer replaced by its chain (a pruned pair: `layers` holds
     the pairs.Pair under its producer's name).
 
@@ -29,9 +30,10 @@ def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
     Opset, metadata, other nodes, input and output names, dtypes and symbolic dims are kept;
     the IR version is capped at what onnxruntime reads; the tool version and plan hash are
     recorded in metadata_props. A `+int8` layer that onnxruntime's quantizer leaves in float
-    raises UserError (int8_left_float finds such layers beforehand).
+    raises UserError (int8_left_float finds such layers beforehand). `samples` (feeds of the
+    model's inputs) calibrate the activation ranges of a static INT8 plan.
     """
-    out, left = _rewrite(model, layers, plan, factors, stats)
+    out, left = _rewrite(model, layers, plan, factors, stats, samples)
     if left:
         raise UserError(f"onnxruntime's dynamic quantization leaves {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} "
                         f"in float (it quantizes a MatMul/Conv whose weight is a stored initializer and whose input "
@@ -46,8 +48,8 @@ def int8_left_float(model: onnx.ModelProto, layers: dict[str, Layer]) -> list[st
     return _rewrite(model, layers, Plan({n: Choice("dense", {}, int8=True) for n in layers}))[1]
 
 
-def _rewrite(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan, factors=None, stats=None
-             ) -> tuple[onnx.ModelProto, list[str]]:
+def _rewrite(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan, factors=None, stats=None,
+             samples=None) -> tuple[onnx.ModelProto, list[str]]:
     """rewrite_model's model, and the `+int8` layers left in float."""
     # over 2 GB, the big initializers stay out of graphsurgeon's copy of the graph and are put
     # back after it (those still read), so memory holds the model about twice, not four times
@@ -78,7 +80,7 @@ def _rewrite(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan, facto
     _keep_interface(model.graph, out.graph)
     out.ir_version = min(model.ir_version, max_ir_version())
     _set_metadata(out, {"denseflex_onnx.version": __version__, "denseflex_onnx.plan_sha256": plan.sha256()})
-    return quantize(out, to_quantize, model.graph) if to_quantize else (out, [])
+    return quantize(out, to_quantize, model.graph, plan.int8, samples) if to_quantize else (out, [])
 
 
 def _body(graph: gs.Graph, scope: tuple) -> gs.Graph:
@@ -118,8 +120,10 @@ def _set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
 
 
 def one_layer_model(layer: Layer, choice: Choice, factors: list[np.ndarray] | None,
-                    opset: int = 17) -> onnx.ModelProto:
-    """The layer alone at its real activation shape, dense or rewritten: what gets timed."""
+                    opset: int = 17, int8: str = "dynamic", samples: list[np.ndarray] | None = None) -> onnx.ModelProto:
+    """The layer alone at its real activation shape, dense or rewritten: what gets timed. A
+    static `+int8` choice calibrates its activation ranges on `samples` (inputs of the layer), or
+    for timing alone, where values do not matter, on a few random ones."""
     dtype = onnx.helper.np_dtype_to_tensor_dtype(layer.dtype)
     x = onnx.helper.make_tensor_value_info("x", dtype, list(layer.activation_shape))
     y = onnx.helper.make_tensor_value_info("y", dtype, list(layer.output_shape))
@@ -147,8 +151,12 @@ def one_layer_model(layer: Layer, choice: Choice, factors: list[np.ndarray] | No
     if not choice.changes:
         return model
     local = dataclasses.replace(layer, input="x", output="y", node_outputs=tuple(n.output[0] for n in nodes), scope=())
-    plan = Plan({layer.name: choice})
-    return rewrite_model(model, {layer.name: local}, plan, {layer.name: factors} if factors else None)
+    plan = Plan({layer.name: choice}, int8=int8)
+    if choice.int8 and int8 == "static" and samples is None:
+        rng = np.random.default_rng(0)
+        samples = [rng.standard_normal(layer.activation_shape).astype(layer.dtype) for _ in range(2)]
+    return rewrite_model(model, {layer.name: local}, plan, {layer.name: factors} if factors else None,
+                         samples=None if samples is None else [{"x": s} for s in samples])
 
 
 # ------------------------------------------------------------------------------------- INT8
@@ -173,11 +181,12 @@ def weight_nodes(graph: gs.Graph, layer) -> list[gs.Node]:
     return found
 
 
-def quantize(model: onnx.ModelProto, nodes: dict[str, list[gs.Node]], original: onnx.GraphProto
-             ) -> tuple[onnx.ModelProto, list[str]]:
-    """`model` with these nodes' weights (by layer) in INT8 (dynamic QInt8: MatMulInteger /
-    ConvInteger, the activations quantized at run time); only these nodes, so an INT8 layer can
+def quantize(model: onnx.ModelProto, nodes: dict[str, list[gs.Node]], original: onnx.GraphProto,
+             mode: str = "dynamic", samples: list[dict] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """`model` with these nodes' weights (by layer) in INT8; only these nodes, so an INT8 layer can
     sit beside float ones. Also returns the layers onnxruntime.quantization left (partly) float.
+    `mode` dynamic: QInt8 weights, activations quantized at run time (MatMulInteger /
+    ConvInteger); static: QDQ, activation ranges calibrated on `samples` (feeds of the model).
 
     Weights are scaled per output channel: as fast as one scale per tensor, and far more accurate
     where a few columns are large (MiniLM-L6, every weight MatMul in INT8: cosine 99.31 per
@@ -188,8 +197,16 @@ def quantize(model: onnx.ModelProto, nodes: dict[str, list[gs.Node]], original: 
     # quantize_dynamic first turns every Gemm into MatMul + Add, the MatMul named <gemm>_MatMul
     names = {layer: [n.name for n in found] + [f"{n.name}_MatMul" for n in found if n.op == "Gemm"]
              for layer, found in stored.items()}
-    out = quantize_dynamic(model, [n for found in names.values() for n in found], per_channel=True) if names else model
-    still_float = {n.name for n in out.graph.node if n.op_type in WEIGHT_OPS}
+    chosen = [n for found in names.values() for n in found]
+    if not names:
+        out = model
+    elif mode == "static":
+        out = quantize_static(model, chosen, samples)
+    else:
+        out = quantize_dynamic(model, chosen, per_channel=True)
+    # a chosen node still there as MatMul/Gemm/Conv is float unless a DequantizeLinear feeds its weight (QDQ)
+    dequantized = {n.output[0] for n in out.graph.node if n.op_type == "DequantizeLinear"}
+    still_float = {n.name for n in out.graph.node if n.op_type in WEIGHT_OPS and n.input[1] not in dequantized}
     _keep_interface(original, out.graph)
     return out, sorted(layer for layer in nodes if layer not in names or still_float & set(names[layer]))
 
@@ -197,21 +214,51 @@ def quantize(model: onnx.ModelProto, nodes: dict[str, list[gs.Node]], original: 
 def quantize_dynamic(model: onnx.ModelProto, nodes: list[str] | None = None, per_channel: bool = False) -> onnx.ModelProto:
     """onnxruntime.quantization.quantize_dynamic (QInt8 weights, its defaults otherwise) of these
     nodes, or of every node it takes (None: what a user runs as "INT8" instead of this tool)."""
-    import logging
-    import tempfile
     from onnxruntime import quantization
 
+    def run(src, dst, big):
+        quantization.quantize_dynamic(src, dst, weight_type=quantization.QuantType.QInt8, nodes_to_quantize=nodes,
+                                      per_channel=per_channel, use_external_data_format=big)
+    return _through_files(model, run)
+
+
+def quantize_static(model: onnx.ModelProto, nodes: list[str], samples: list[dict] | None) -> onnx.ModelProto:
+    """onnxruntime.quantization.quantize_static of these nodes in QDQ form (what TensorRT reads):
+    weights QInt8 per output channel, activations QUInt8 with MinMax ranges over `samples`."""
+    from onnxruntime import quantization
+
+    if not samples:
+        raise UserError("static INT8 calibrates its activation ranges on data: give --data, or use --int8 dynamic")
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(samples)
+
+        def get_next(self):
+            return next(self.left, None)
+
+    def run(src, dst, big):
+        quantization.quantize_static(src, dst, Reader(), quant_format=quantization.QuantFormat.QDQ,
+                                     op_types_to_quantize=list(WEIGHT_OPS), nodes_to_quantize=nodes, per_channel=True,
+                                     activation_type=quantization.QuantType.QUInt8,
+                                     weight_type=quantization.QuantType.QInt8, use_external_data_format=big)
+    return _through_files(model, run)
+
+
+def _through_files(model: onnx.ModelProto, run) -> onnx.ModelProto:
+    """run(src, dst, big) on the model saved in a temporary folder, and what it wrote, loaded."""
+    import logging
+    import tempfile
+
     big = model.ByteSize() >= PROTOBUF_LIMIT
-    root = logging.getLogger()      # it advises pre-processing through the root logger, on every call
+    root = logging.getLogger()      # onnxruntime.quantization advises pre-processing through the root logger
     level = root.level
     root.setLevel(logging.ERROR)
     try:
         with tempfile.TemporaryDirectory(prefix="denseflex-int8-") as tmp:
             src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
             onnx.save(model, src, save_as_external_data=big, location="float.onnx.data")
-            quantization.quantize_dynamic(src, dst, weight_type=quantization.QuantType.QInt8,
-                                          nodes_to_quantize=nodes, per_channel=per_channel,
-                                          use_external_data_format=big)
+            run(src, dst, big)
             out = onnx.load(dst)
     finally:
         root.setLevel(level)

@@ -91,7 +91,7 @@ def fidelity(ex: _Explored, choices: dict, data: data_mod.Dataset, reference: np
 
 def build(ex: _Explored, choices: dict) -> tuple[Plan, onnx.ModelProto]:
     plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256,
-                calibration=ex.calibration)
+                calibration=ex.calibration, int8=ex.int8)
     return plan, rewrite(ex.prep, ex.factors, plan, ex.calib, ex.threads)
 
 
@@ -107,7 +107,14 @@ def rewrite(prep: _Prepared, factors: space_mod.Factors, plan: Plan, calib=None,
                 factor_map[name] = factors.pair_factors(layers[name], choice)
             else:
                 layers[name], factor_map[name] = factors.rewrite_inputs(prep.layers[name], choice)
-    return rewrite_model(prep.loaded.proto, layers, plan, factor_map)
+    return rewrite_model(prep.loaded.proto, layers, plan, factor_map, samples=int8_samples(prep, plan, calib))
+
+
+def int8_samples(prep: _Prepared, plan: Plan, calib) -> list[dict] | None:
+    """What a static INT8 plan calibrates its activation ranges on: the calibration samples' feeds."""
+    if plan.int8 != "static" or not plan.quantized() or calib is None or calib.synthetic:
+        return None
+    return list(data_mod.feeds(calib, prep.loaded))
 
 
 def rewrite_sequential(prep: _Prepared, factors: space_mod.Factors, plan: Plan, calib, threads: int) -> onnx.ModelProto:
@@ -144,7 +151,7 @@ def rewrite_sequential(prep: _Prepared, factors: space_mod.Factors, plan: Plan, 
                 else:
                     layers[name], factor_map[name] = local.rewrite_inputs(local.layers[name], choice)
             done[name] = choice
-    return rewrite_model(prep.loaded.proto, layers, plan, factor_map)
+    return rewrite_model(prep.loaded.proto, layers, plan, factor_map, samples=int8_samples(prep, plan, calib))
 
 
 AB_ROUNDS = 3

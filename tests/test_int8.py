@@ -154,7 +154,7 @@ def test_plan_json_records_int8_and_reads_it_back(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ('{"format": "denseflex-plan/1", "int8": "static", "layers": {}}', "int8 'static' is not one of dynamic"),
+    ('{"format": "denseflex-plan/1", "int8": "fp8", "layers": {}}', "int8 'fp8' is not one of dynamic, static"),
     ('{"format": "denseflex-plan/1", "layers": {"/2/Gemm": {"method": "dense", "config": {}, "int8": 1}}}',
      '"int8" must be true or false'),
 ])
@@ -325,8 +325,8 @@ def test_an_already_quantized_model_is_reported_not_quantized_again(tmp_path):
 
 
 def test_int8_option_errors(tmp_path):
-    r = cli("optimize", MLP, "--latency", "-30%", "--int8", "static", "-o", tmp_path / "o.onnx")
-    assert r.returncode == 2 and "--int8 static: use one of off, dynamic" in r.stderr
+    r = cli("optimize", MLP, "--latency", "-30%", "--int8", "fp8", "-o", tmp_path / "o.onnx")
+    assert r.returncode == 2 and "--int8 fp8: use one of off, dynamic, static" in r.stderr
     r = cli("optimize", MLP, "--latency", "-30%", "--int8", "dynamic", "--no-int8", "-o", tmp_path / "o.onnx")
     assert r.returncode == 2 and "contradict" in r.stderr
 
@@ -351,3 +351,71 @@ def test_a_weight_onnxruntime_does_not_quantize_gets_no_twin_and_a_clear_error(t
     r = cli("apply", path, "--all", "dense+int8", "-o", tmp_path / "o.onnx", "--input-shape", "X:1x32")
     assert r.returncode == 2 and "leaves mm in float" in r.stderr and "without +int8" in r.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+# ------------------------------------------------------------------------ static (QDQ) INT8
+
+def test_static_int8_is_quantize_static_qdq_calibrated_on_the_data(tmp_path):
+    """--int8 static: the chosen layer in QDQ form (what TensorRT reads), its activation range
+    calibrated on the calibration samples: bitwise what quantize_static gives for that node with
+    those feeds, per channel; close to the float layer."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    proto = graphs.matmul(k=32, n=24, bias=True, seed=3)
+    layers = layers_of(proto)
+    name = next(iter(layers))
+    calib = [{"X": graphs.rng(i).standard_normal((16, 32)).astype(np.float32)} for i in range(10)]
+    ours = rewrite_model(proto, layers, Plan({name: parse_spec(layers[name], "dense+int8")}, int8="static"),
+                         samples=calib)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(ops(ours)) and "MatMulInteger" not in ops(ours)
+    weight_scale = next(i for i in ours.graph.initializer if i.name.endswith("_scale") and len(i.dims) == 1)
+    assert list(weight_scale.dims) == [24]                               # one scale per output channel
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(calib)
+
+        def get_next(self):
+            return next(self.left, None)
+    onnx.save(proto, tmp_path / "f.onnx")
+    quantize_static(tmp_path / "f.onnx", tmp_path / "q.onnx", Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_quantize=["mm"], per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    x = graphs.rng(9).standard_normal((16, 32)).astype(np.float32)
+    y = run(ours, {"X": x})
+    np.testing.assert_array_equal(y, run(tmp_path / "q.onnx", {"X": x}))
+    y_float = run(proto, {"X": x})
+    assert 0 < np.linalg.norm(y - y_float) / np.linalg.norm(y_float) < 0.05
+    onnx.checker.check_model(ours, full_check=True)
+
+
+def test_static_plans_need_data_and_record_their_mode(tmp_path):
+    r = cli("apply", MLP, "--all", "dense+int8", "--int8", "static", "-o", tmp_path / "a.onnx")
+    assert r.returncode == 2 and "give --data" in r.stderr
+    r = cli("optimize", MLP, "--latency", "-30%", "--int8", "static", "-o", tmp_path / "o.onnx")
+    assert r.returncode == 2 and "give --data" in r.stderr
+    r = cli("apply", MLP, "--layer", "/2/Gemm=dense+int8", "--int8", "static", "--data", MLP_DATA,
+            "-o", tmp_path / "s.onnx", "--input-shape", "x:1x784")
+    assert r.returncode == 0, r.stderr
+    assert "DequantizeLinear" in ops(onnx.load(tmp_path / "s.onnx"))
+    plan = Plan({"/2/Gemm": Choice("dense", {}, int8=True)}, int8="static")
+    write_json(plan.to_json(), tmp_path / "p.json")
+    assert json.loads((tmp_path / "p.json").read_text())["int8"] == "static"
+    r = cli("apply", MLP, "--plan", tmp_path / "p.json", "-o", tmp_path / "p.onnx", "--input-shape", "x:1x784")
+    assert r.returncode == 2 and "static INT8" in r.stderr and "give --data" in r.stderr
+    r = cli("apply", MLP, "--plan", tmp_path / "p.json", "--data", MLP_DATA, "-o", tmp_path / "p.onnx",
+            "--input-shape", "x:1x784")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p.onnx").read_bytes() == (tmp_path / "s.onnx").read_bytes()
+    r = cli("apply", MLP, "--plan", tmp_path / "p.json", "--data", MLP_DATA, "--int8", "dynamic",
+            "-o", tmp_path / "q.onnx", "--input-shape", "x:1x784")
+    assert r.returncode == 2 and "drop the flag" in r.stderr
+
+
+def test_static_space_times_qdq_twins(tmp_path):
+    """explore --int8 static: the twins are there, timed as QDQ one-layer models (cached apart
+    from dynamic ones), their errors measured with static ranges."""
+    static, _ = explored(tmp_path, "static", int8="static")
+    dynamic, _ = explored(tmp_path, "dynamic")
+    for table in (static, dynamic):
+        assert table[("/0/Gemm", "dense+int8")]["latency_ms"] is not None
+    assert static[("/0/Gemm", "dense+int8")]["error"] != dynamic[("/0/Gemm", "dense+int8")]["error"]
