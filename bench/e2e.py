@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +121,21 @@ def alarm(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def guarded(name: str, fn, args, left: float, notes: list, problems: list, tag: str):
+    """fn(*args), stopped after `left` seconds; what it returned, or None with a line in `notes`
+    (out of time) or `problems` (it raised: the traceback on stderr, the bench goes on)."""
+    t = time.monotonic()
+    try:
+        with alarm(left):
+            return fn(*args)
+    except OutOfTime:
+        notes.append(f"{name}: stopped at the end of the time budget after {time.monotonic() - t:.0f} s")
+    except Exception as exc:        # a package error: reported with its traceback, the bench goes on
+        problems.append(f"{name}: {first_line(exc)}")
+        print(f"[{tag}] {name} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    return None
 
 
 @contextlib.contextmanager

@@ -31,7 +31,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -100,15 +99,8 @@ class Bench:
                               f"were left")
             return None
         t = time.monotonic()
-        try:
-            with e2e.alarm(left):
-                out = fn(*args)
-        except e2e.OutOfTime:
-            self.notes.append(f"{name}: stopped at the end of the time budget after {time.monotonic() - t:.0f} s")
-            return None
-        except Exception as exc:        # a package error: reported with its traceback, the bench goes on
-            self.problems.append(f"{name}: {e2e.first_line(exc)}")
-            print(f"[int8] {name} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        out = e2e.guarded(name, fn, args, left, self.notes, self.problems, "int8")
+        if out is None:
             return None
         self.took[kind] = time.monotonic() - t
         return out
