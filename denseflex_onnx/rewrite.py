@@ -35,7 +35,7 @@ def rewrite_model(model: onnx.ModelProto, layers: dict[str, Layer], plan: Plan,
     """
     out, left = _rewrite(model, layers, plan, factors, stats, samples)
     if left:
-        raise UserError(f"onnxruntime's dynamic quantization leaves {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} "
+        raise UserError(f"onnxruntime's quantizer leaves {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} "
                         f"in float (it quantizes a MatMul/Conv whose weight is a stored initializer and whose input "
                         f"type it can infer): take {'these layers' if len(left) > 1 else 'that layer'} without +int8")
     return out

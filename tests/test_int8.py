@@ -419,3 +419,16 @@ def test_static_space_times_qdq_twins(tmp_path):
     for table in (static, dynamic):
         assert table[("/0/Gemm", "dense+int8")]["latency_ms"] is not None
     assert static[("/0/Gemm", "dense+int8")]["error"] != dynamic[("/0/Gemm", "dense+int8")]["error"]
+
+
+@pytest.mark.parametrize("provider", ["CUDAExecutionProvider", "TensorrtExecutionProvider"])
+def test_int8_twins_are_timed_on_a_gpu_provider_through_the_same_path(tmp_path, provider):
+    """The INT8 twins go through the provider timing every candidate goes through (QDQ is what
+    TensorRT consumes: --int8 static)."""
+    if provider not in ort.get_available_providers():
+        pytest.skip(f"{provider} is not installed here (onnxruntime CPU build)")
+    mode = "static" if provider == "TensorrtExecutionProvider" else "dynamic"
+    report = denseflex_onnx.explore(MLP, tmp_path / "gpu", data=MLP_DATA, flops="-50%", input_shapes={"x": (1, 784)},
+                                    provider=provider, int8=mode, cache_dir=tmp_path / "cache").report
+    assert report["provider"] == provider
+    assert any(r["spec"].endswith("+int8") and r["latency_ms"] for r in report["candidates"])
