@@ -250,14 +250,14 @@ def _communicate(proc: subprocess.Popen, timeout: float, polled: list[int]):
 
 
 def _spec(entry: dict) -> str:
-    c = entry.get("config", {})
+    c, suffix = entry.get("config", {}), "+int8" if entry.get("int8") else ""
     if "rank" in c:
-        return f"{entry['method']}:{c['rank']}"
+        return f"{entry['method']}:{c['rank']}{suffix}"
     if "ranks" in c:
-        return f"{entry['method']}:" + "x".join(str(r) for r in c["ranks"])
+        return f"{entry['method']}:" + "x".join(str(r) for r in c["ranks"]) + suffix
     if "keep" in c:
-        return f"{entry['method']}:{c['keep']}"
-    return entry.get("method", "?")
+        return f"{entry['method']}:{c['keep']}{suffix}"
+    return entry.get("method", "?") + suffix
 
 
 def baselines(path: Path, data: Path, shapes: dict, layers: list[dict], folder: Path) -> dict:
