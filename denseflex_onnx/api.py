@@ -635,9 +635,8 @@ def _explore_reports(path, prefix, *, force=False, progress: Progress | None = N
     model_mod.check_output_path(paths["json"], [Path(path)], force, paths["csv"], paths["md"], paths["png"])
     ex = _explore(path, progress=progress or Progress(), **options)
     limits = search.Limits.resolve(ex.constraints, ex.baseline)
-    worst = sum(max((ex.space.weighted_error(c) for c in ex.space.alive(n)), default=0.0) for n in ex.space.candidates)
-    choices = search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, worst, ex.itemsize,
-                           memo=ex.results) or {}
+    choices = search.solve(ex.space, ex.baseline, limits, ex.constraints.objective, search.worst_error(ex.space),
+                           ex.itemsize, memo=ex.results) or {}
     plan = Plan({n: c.choice for n, c in choices.items() if not c.is_dense}, ex.mode, ex.prep.loaded.sha256,
                 calibration=ex.calibration, int8=ex.int8)
     data = report.explore_report(ex, path, "explored" if choices else "infeasible", choices, None, [], [], plan)

@@ -302,14 +302,8 @@ def collect(model: LoadedModel, layers: list[Layer], data: Dataset, provider: st
               and representations.get(layer.name, FULL).kind != "none"]
     if not layers or data.samples == 0:
         return {}
-    tapped = onnx.ModelProto()
-    tapped.CopyFrom(model.proto)
-    present = {o.name for o in tapped.graph.output}
     wanted = sorted({layer.input for layer in layers})
-    for name in wanted:
-        if name not in present:
-            tapped.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = create_session(tapped, provider, threads)
+    session = tapped_session(model.proto, wanted, provider, threads)
     sums: dict[str, _Sums] = {}
     for chunk in feeds(data, model):
         values = dict(zip(wanted, session.run(wanted, chunk)))
@@ -322,6 +316,15 @@ def collect(model: LoadedModel, layers: list[Layer], data: Dataset, provider: st
         if on_chunk:
             on_chunk()
     return {name: s.stats() for name, s in sums.items()}
+
+
+def tapped_session(proto: onnx.ModelProto, tensors, provider: str = "CPUExecutionProvider", threads: int = 1):
+    """A session of the model that also outputs these inner tensors (run it asking for them)."""
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(proto)
+    present = {o.name for o in tapped.graph.output}
+    tapped.graph.output.extend(onnx.ValueInfoProto(name=n) for n in tensors if n not in present)
+    return create_session(tapped, provider, threads)
 
 
 FULL = Representation("full", 0, 0, "")
@@ -383,13 +386,7 @@ def collect_anchored(model: LoadedModel, rewritten: onnx.ModelProto, layers: lis
         return {}
     residuals = {n: r for n, r in (residuals or {}).items() if n in {layer.name for layer in layers}}
     wanted = sorted({layer.input for layer in layers} | set(residuals.values()))
-    sessions = []
-    for proto in (model.proto, rewritten):
-        tapped = onnx.ModelProto()
-        tapped.CopyFrom(proto)
-        present = {o.name for o in tapped.graph.output}
-        tapped.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in present)
-        sessions.append(create_session(tapped, provider, threads))
+    sessions = [tapped_session(proto, wanted, provider, threads) for proto in (model.proto, rewritten)]
     # layers that multiply the very same rows (a transformer's Q, K and V) share their sums; rows
     # are gathered over chunks before they are multiplied: one sentence's tokens at a time (a
     # batch of 1, padding dropped) made ~20-row products that ran at a fraction of BLAS's speed

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from .calibrate import TOKEN_MASK, output_rows
+from .calibrate import TOKEN_MASK, output_rows, tapped_session
 from .data import Dataset, feeds
 from .layers import Layer
 from .model import LoadedModel
@@ -47,7 +47,6 @@ def layer_errors(model: LoadedModel, layers: list[Layer], data: Dataset, mode: s
     by name; a layer onnxruntime cannot quantize (in the model as it is: int8_left_float), or
     whose inputs do not split into profiling batches, is left out (it gets no INT8 variant).
     `int8` static: the layer's activation range is calibrated on the inputs it is scored on."""
-    import onnx
     from .rewrite import int8_left_float, one_layer_model
 
     layers = [l for l in layers if int8_refusal(l) is None]
@@ -60,12 +59,8 @@ def layer_errors(model: LoadedModel, layers: list[Layer], data: Dataset, mode: s
         layers = [l for l in layers if l.name not in left]
         if not layers:
             return {}
-    tapped = onnx.ModelProto()
-    tapped.CopyFrom(model.proto)
-    present = {o.name for o in tapped.graph.output}
     wanted = sorted({l.input for l in layers})
-    tapped.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in present)
-    session = create_session(tapped, "CPUExecutionProvider", threads)
+    session = tapped_session(model.proto, wanted, threads=threads)
     models: dict[str, tuple] = {}
     sums: dict[str, _Energy] = {}
     skipped: set[str] = set()
@@ -77,8 +72,8 @@ def layer_errors(model: LoadedModel, layers: list[Layer], data: Dataset, mode: s
             if layer.name in skipped or x.shape[1:] != tuple(layer.activation_shape[1:]) or x.shape[0] % batch:
                 skipped.add(layer.name)
                 continue
+            pieces = [np.ascontiguousarray(x[i:i + batch]) for i in range(0, x.shape[0], batch)]
             if layer.name not in models:
-                pieces = [np.ascontiguousarray(x[i:i + batch]) for i in range(0, x.shape[0], batch)]
                 try:
                     models[layer.name] = tuple(
                         create_session(one_layer_model(layer, choice, None, int8=int8, samples=pieces),
@@ -89,8 +84,7 @@ def layer_errors(model: LoadedModel, layers: list[Layer], data: Dataset, mode: s
                     skipped.add(layer.name)
                     continue
             total = sums.setdefault(layer.name, _Energy())
-            for i in range(0, x.shape[0], batch):
-                part = np.ascontiguousarray(x[i:i + batch])
+            for i, part in zip(range(0, x.shape[0], batch), pieces):
                 y, yq = (s.run(None, {"x": part})[0] for s in models[layer.name])
                 rows = None if mask is None else mask[i:i + batch]
                 total.add(output_rows(layer, y, rows), output_rows(layer, yq, rows))

@@ -248,21 +248,29 @@ def uniform_plans(space: Space, sizes: dict[str, dict[str, int]], baseline: Base
             choices = _uniform(space, sizes, key, methods, fraction)
             if not choices:
                 continue
-            e = estimate(space, {n: _by_flops(space, c) for n, c in choices.items()}, baseline, itemsize)
-            if all(limit is None or value <= limit for value, limit in
-                   ((e.latency, limits.latency), (e.bytes, limits.bytes), (e.flops, limits.flops))):
+            if _within(estimate(space, {n: _by_flops(space, c) for n, c in choices.items()}, baseline, itemsize),
+                       limits):
                 out.append(Uniform(f"{key} {fraction:g} everywhere", choices))
                 break
     int8 = _uniform_int8(space)
-    if int8:        # INT8 alone, as this space holds it: timed like every candidate, not scaled by FLOPs
-        e = estimate(space, int8, baseline, itemsize)
-        if all(limit is None or value <= limit for value, limit in
-               ((e.latency, limits.latency), (e.bytes, limits.bytes), (e.flops, limits.flops))):
-            out.append(Uniform(UNIFORM_INT8, int8))
+    # INT8 alone, as this space holds it: timed like every candidate, not scaled by FLOPs
+    if int8 and _within(estimate(space, int8, baseline, itemsize), limits):
+        out.append(Uniform(UNIFORM_INT8, int8))
     return out
 
 
+def _within(e: Estimate, limits: Limits) -> bool:
+    """Does an estimate meet the latency, memory and FLOPs limits?"""
+    return all(limit is None or value <= limit for value, limit in
+               ((e.latency, limits.latency), (e.bytes, limits.bytes), (e.flops, limits.flops)))
+
+
 UNIFORM_INT8 = "dense+int8 everywhere"
+
+
+def _as_they_are(space: Space) -> dict[str, Candidate]:
+    """Every layer dense, or a forced layer with the choice forced on it: what a uniform plan adds to."""
+    return {n: space.dense(n) if not space.dense(n).dropped else space.alive(n)[0] for n in space.candidates}
 
 
 def _uniform_int8(space: Space) -> dict[str, Candidate]:
@@ -272,8 +280,7 @@ def _uniform_int8(space: Space) -> dict[str, Candidate]:
               and not c.latency_bound}
     if not picked:
         return {}
-    base = {n: space.dense(n) if not space.dense(n).dropped else space.alive(n)[0] for n in space.candidates}
-    return {**base, **picked}
+    return {**_as_they_are(space), **picked}
 
 
 def _uniform(space: Space, sizes: dict[str, dict[str, int]], key: str, methods: tuple,
@@ -299,8 +306,7 @@ def _uniform(space: Space, sizes: dict[str, dict[str, int]], key: str, methods: 
             taken |= {name, *best.covers}
     if not picked:
         return {}
-    base = {n: space.dense(n) if not space.dense(n).dropped else space.alive(n)[0] for n in space.candidates}
-    return {**base, **picked}
+    return {**_as_they_are(space), **picked}
 
 
 def _saves(space: Space, cand: Candidate) -> bool:
@@ -551,6 +557,11 @@ def _miss_score(m: dict[str, tuple[float, float]]) -> float:
     return sum(reached / limit - 1 if limit > 0 else reached for reached, limit in m.values())
 
 
+def worst_error(space: Space) -> float:
+    """The summed error of each layer's worst candidate: an error budget no plan can exceed."""
+    return sum(max((space.weighted_error(c) for c in space.alive(n)), default=0.0) for n in space.candidates)
+
+
 FRONTIER_POINTS = 10
 
 
@@ -568,7 +579,7 @@ def frontier(space: Space, baseline: Baseline, found: SearchResult, itemsize: di
         return []
     slope = max(float(errors @ drops / (errors @ errors)), 0.0)
     untimed = dataclasses.replace(space, timer=None, method_scale=found.method_scale)
-    worst = sum(max((untimed.weighted_error(c) for c in untimed.alive(n)), default=0.0) for n in untimed.candidates)
+    worst = worst_error(untimed)
     out = []
     for budget in np.geomspace(max(worst, 1e-12) * 1e-3, max(worst, 1e-12), FRONTIER_POINTS):
         choices = solve(untimed, baseline, Limits(None, None, None, math.inf), "latency", float(budget), itemsize,
@@ -597,7 +608,7 @@ def alternatives(space: Space, baseline: Baseline, limits: Limits, objective: st
     out: list[dict] = []
     excluded = [found.choices]
     space = dataclasses.replace(space, method_scale=found.method_scale)     # as the search weighed them
-    worst = sum(max((space.weighted_error(c) for c in space.alive(n)), default=0.0) for n in space.candidates)
+    worst = worst_error(space)
     budget = sum(space.weighted_error(c) for c in found.choices.values())
     for _ in range(k):
         choices = solve(space, baseline, limits, objective, max(budget, 1e-12), itemsize, exclude=excluded,
