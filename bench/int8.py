@@ -334,6 +334,27 @@ def judge(key: str, got: dict) -> tuple[str, bool | None, float | None, float | 
     return f"- {goal}: **{'met' if met else 'missed'}**: {text}.", met, value, limit
 
 
+def uniform_rows(key: str, got: dict, rows: list[dict]) -> list[str]:
+    """The simplest baselines the mixed run verified in the same run (one rank fraction, one keep
+    fraction, dense+int8 in every layer), on the tool's own A/B: its ratios against the original
+    and against its own measurement of INT8 alone."""
+    rec = got["runs"].get("mixed")
+    q = rec and rec["int8_baseline"]
+    shown = [v for v in (rec["verifications"] if rec else []) if v["uniform"]]
+    if not shown or not q:
+        return []
+    md = ["", "The uniform plans the mixed run verified beside its search (the tool's own A/B; INT8 alone "
+          f"there: {e2e._x(q['speedup'])}, {q['metric']:.2f}):", "",
+          "| uniform plan | speedup vs original | vs INT8 alone | metric | weight bytes | missed |", "|---|---|---|---|---|---|"]
+    for v in shown:
+        md.append(f"| {v['uniform']} | {e2e._x(v['speedup'])} | {e2e._x(v['speedup'] / q['speedup'])} | "
+                  f"{v['metric']:.2f} | {e2e._mb(v['bytes'])} | {', '.join(v['misses']) or '-'} |")
+        rows.append({"bench": "int8", "model": key, "variant": f"uniform: {v['uniform']}",
+                     "speedup_vs_original": v["speedup"], "speedup_vs_int8": v["speedup"] / q["speedup"],
+                     "metric": v["metric"], "source": "the mixed run's verification"})
+    return md
+
+
 def constraint_text(key: str, got: dict) -> str:
     c, q = got["constraint"], got["int8"]
     why = {"mlp": f"INT8's latency / {MLP_FACTOR:g}", "cnn": "fixed",
@@ -410,6 +431,7 @@ def render(b: Bench, elapsed: float) -> tuple[str, list[dict]]:
                          "speedup_tool": (rec["result"] or {}).get("speedup") if rec else None,
                          "verifications": len(rec["verifications"]) if rec else None,
                          "wall_s": rec["wall_s"] if rec else None, "source": "final A/B"})
+        md += uniform_rows(key, got, rows)
         md.append("")
     md += ["### Targets", ""]
     for key in ORDER:
